@@ -1,0 +1,72 @@
+"""What every source-format reader hands to the writer.
+
+A reader (llama2.c, Meta, ...) turns a checkpoint on disk into a
+:class:`Checkpoint`: a validated :class:`~llamanp.config.Config`, the tensors
+under their *canonical* names and layout, and the tokenizer if the source
+carries one. Tensors are loaded lazily, one at a time, so that converting a
+model never needs more memory than its largest tensor (plus the mmap).
+
+Canonical layout (the one `.lmw` files use, see docs/lmw-format.md):
+  * Meta's naming and Meta's q/k layout: RoPE rotates *interleaved pairs*
+    (components 2i and 2i+1 of each head), as in Meta's and llama2.c's
+    model.py. Hugging Face checkpoints use the "rotate half" layout and their
+    reader permutes the rows of wq/wk back.
+  * Linear weights are [out_features, in_features], like torch.nn.Linear.
+  * float32, C-contiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..config import Config
+
+
+def layer_tensor_names(i: int) -> list[str]:
+    """Canonical names of the tensors of transformer block i."""
+    p = f"layers.{i}."
+    return [p + "attention_norm.weight",
+            p + "attention.wq.weight", p + "attention.wk.weight",
+            p + "attention.wv.weight", p + "attention.wo.weight",
+            p + "ffn_norm.weight",
+            p + "feed_forward.w1.weight", p + "feed_forward.w2.weight",
+            p + "feed_forward.w3.weight"]
+
+
+def canonical_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint must provide, with its shape."""
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        w = layer_tensor_names(i)
+        shapes[w[0]] = (cfg.dim,)
+        shapes[w[1]] = (cfg.q_dim, cfg.dim)
+        shapes[w[2]] = (cfg.kv_dim, cfg.dim)
+        shapes[w[3]] = (cfg.kv_dim, cfg.dim)
+        shapes[w[4]] = (cfg.dim, cfg.q_dim)
+        shapes[w[5]] = (cfg.dim,)
+        shapes[w[6]] = (cfg.hidden_dim, cfg.dim)
+        shapes[w[7]] = (cfg.dim, cfg.hidden_dim)
+        shapes[w[8]] = (cfg.hidden_dim, cfg.dim)
+    shapes["norm.weight"] = (cfg.dim,)
+    if not cfg.tied_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, cfg.dim)
+    return shapes
+
+
+@dataclass
+class SourceTensor:
+    """A tensor not yet read: its shape, and how to read it as float32."""
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
+@dataclass
+class Checkpoint:
+    config: Config
+    tensors: dict[str, SourceTensor]          # canonical names, see canonical_shapes
+    tokenizer: Optional[object] = None        # llamanp.tokenizer.TokenizerData or None
+    source: str = ""                          # e.g. "llama2.c checkpoint (.pt)"
+    metadata: dict = field(default_factory=dict)  # JSON-able notes kept in the header

@@ -1,0 +1,124 @@
+"""Key/value caches: three ways to remember the past of a sequence.
+
+Attention at position t needs the keys and values of every position <= t.
+A cache keeps them so that each new token costs one position's worth of work
+instead of the whole sequence's. The three strategies give the same numbers and
+differ only in cost, which is what `bench/` measures:
+
+  none     keep nothing; every step recomputes the whole sequence (O(n^2)).
+  inplace  preallocate [n_kv_heads, max_seq_len, head_dim] per layer and write
+           each new position into it; reading is a slice, no copies.
+  concat   grow arrays with np.concatenate each step: simple, but every step
+           copies the whole cache (O(n) per token, O(n^2) in total).
+
+Keys and values are stored per layer as [n_kv_heads, positions, head_dim], the
+layout the attention matmul wants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+from .errors import LlamanpError
+
+STRATEGIES = ("none", "inplace", "concat")
+
+
+class KVCache:
+    """Interface: `length` positions are held; `update` appends a block."""
+
+    strategy = ""
+    #: True if the model must be re-run over the whole sequence each step
+    recompute = False
+
+    def __init__(self, config: Config, max_seq_len: int):
+        self.config = config
+        self.max_seq_len = max_seq_len
+        self.length = 0
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray):
+        """Add k, v ([n_kv, T, head_dim]) at positions length..length+T-1 of
+        `layer`; return all keys and values so far, [n_kv, length+T, head_dim]."""
+        raise NotImplementedError
+
+    def advance(self, n: int) -> None:
+        """Called once all layers have been updated with n new positions."""
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def truncate(self, n: int) -> None:
+        """Forget every position from n on."""
+        self.length = min(self.length, n)
+
+
+class NoCache(KVCache):
+    """Remembers nothing: the caller re-runs the whole sequence every step."""
+
+    strategy = "none"
+    recompute = True
+
+    def update(self, layer, k, v):
+        return k, v
+
+    def advance(self, n):
+        pass  # nothing is kept, so the next call starts at position 0 again
+
+
+class InplaceCache(KVCache):
+    """Preallocated buffers written at the current position."""
+
+    strategy = "inplace"
+
+    def __init__(self, config, max_seq_len):
+        super().__init__(config, max_seq_len)
+        shape = (config.n_layers, config.n_kv_heads, max_seq_len, config.head_dim)
+        # np.empty: pages are only touched (and so only use memory) as they fill
+        self.k = np.empty(shape, dtype=np.float32)
+        self.v = np.empty(shape, dtype=np.float32)
+
+    def update(self, layer, k, v):
+        start, end = self.length, self.length + k.shape[1]
+        if end > self.max_seq_len:
+            raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
+        self.k[layer, :, start:end] = k
+        self.v[layer, :, start:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class ConcatCache(KVCache):
+    """Arrays grown by concatenation, one pair per layer."""
+
+    strategy = "concat"
+
+    def __init__(self, config, max_seq_len):
+        super().__init__(config, max_seq_len)
+        self.reset()
+
+    def reset(self):
+        super().reset()
+        empty = np.zeros((self.config.n_kv_heads, 0, self.config.head_dim), np.float32)
+        self.k = [empty] * self.config.n_layers
+        self.v = [empty] * self.config.n_layers
+
+    def truncate(self, n):
+        super().truncate(n)
+        self.k = [k[:, :self.length] for k in self.k]
+        self.v = [v[:, :self.length] for v in self.v]
+
+    def update(self, layer, k, v):
+        if self.length + k.shape[1] > self.max_seq_len:
+            raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
+        self.k[layer] = np.concatenate([self.k[layer][:, :self.length], k], axis=1)
+        self.v[layer] = np.concatenate([self.v[layer][:, :self.length], v], axis=1)
+        return self.k[layer], self.v[layer]
+
+
+def make_cache(strategy: str, config: Config, max_seq_len: int) -> KVCache:
+    classes = {"none": NoCache, "inplace": InplaceCache, "concat": ConcatCache}
+    if strategy not in classes:
+        raise LlamanpError(f"unknown kv-cache strategy {strategy!r}; "
+                           f"choose one of {', '.join(STRATEGIES)}")
+    return classes[strategy](config, max_seq_len)

@@ -1,0 +1,274 @@
+"""The Llama transformer, forward pass only, in float32 NumPy.
+
+Data flow (one call of Model.forward over T new tokens at positions p..p+T-1):
+
+    tokens ─► embedding ─► x [T, dim]
+    for each layer:
+        x += wo · attention(rope(q), rope(k), v)    q,k,v = wqkv · rmsnorm(x)
+        x += w2 · (silu(w1 · h) * (w3 · h))          h = rmsnorm(x)
+    logits = output · rmsnorm(x)
+
+Weights are read-only views into the memory-mapped .lmw file; everything that
+does not depend on the tokens (RoPE tables, weight views, head splits) is
+prepared once at load time, so the per-token work is a handful of large NumPy
+calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import lmw
+from .config import Config, RopeScaling
+from .errors import LlamanpError
+from .kvcache import KVCache, make_cache
+from .tokenizer import Tokenizer
+
+
+# --- the maths ----------------------------------------------------------------------
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
+    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x). exp may overflow to inf for very negative x: x/inf = -0, fine."""
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def rope_frequencies(head_dim: int, theta: float,
+                     scaling: Optional[RopeScaling]) -> np.ndarray:
+    """The rotation speed (radians per position) of each of head_dim/2 pairs.
+
+    Pair i turns at theta^(-2i/head_dim). Llama 3.1 scaling slows down the
+    low frequencies (long wavelengths) by `factor`, keeps the high ones, and
+    blends smoothly in between, so the model can reach past its original
+    training context.
+    """
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if scaling is None:
+        return freqs
+    old_ctx = scaling.original_max_position_embeddings
+    low_wavelen = old_ctx / scaling.low_freq_factor    # longer than this: fully scaled
+    high_wavelen = old_ctx / scaling.high_freq_factor  # shorter than this: untouched
+    wavelen = 2 * math.pi / freqs
+    smooth = ((old_ctx / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    return np.where(wavelen < high_wavelen, freqs,
+                    np.where(wavelen > low_wavelen, freqs / scaling.factor, blended))
+
+
+class RopeTable:
+    """cos and sin of position * frequency, computed once and grown on demand."""
+
+    def __init__(self, config: Config):
+        self.freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.limit = config.max_seq_len
+        self.cos = self.sin = np.zeros((0, len(self.freqs)), np.float32)
+
+    def get(self, start: int, n: int):
+        """cos, sin for positions start..start+n-1, each [n, 1, head_dim/2]."""
+        end = start + n
+        if end > len(self.cos):
+            size = min(max(end, 2 * len(self.cos), 256), max(self.limit, end))
+            angles = np.outer(np.arange(size, dtype=np.float64), self.freqs)
+            self.cos = np.cos(angles).astype(np.float32)
+            self.sin = np.sin(angles).astype(np.float32)
+        return self.cos[start:end, None, :], self.sin[start:end, None, :]
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
+
+    x is [T, heads, head_dim]; this is Meta's layout (HF checkpoints are
+    permuted into it at conversion time).
+    """
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    out = np.empty_like(pairs)
+    out[..., 0] = a * cos - b * sin
+    out[..., 1] = a * sin + b * cos
+    return out.reshape(x.shape)
+
+
+def causal_mask(start: int, n_new: int, n_total: int) -> Optional[np.ndarray]:
+    """Additive mask: query at position start+t sees keys 0..start+t only."""
+    if n_new == 1:
+        return None  # a single newest token sees everything in the cache
+    q_pos = np.arange(start, start + n_new)[:, None]
+    k_pos = np.arange(n_total)[None, :]
+    return np.where(k_pos <= q_pos, np.float32(0), np.float32(-np.inf))
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+    """Grouped-query causal attention.
+
+    q: [T, n_heads, hd]; keys/values: [n_kv, S, hd] (S = start + T).
+    Query head h uses kv head h // group, as Meta's repeat_kv does; grouping
+    the queries instead of repeating the keys keeps it one batched matmul
+    without copying the cache.
+    """
+    T, n_heads, hd = q.shape
+    n_kv, S, _ = keys.shape
+    group = n_heads // n_kv
+    # [T, n_kv, group, hd] -> [n_kv, group*T, hd]
+    qg = q.reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * T, hd)
+    scores = qg @ keys.transpose(0, 2, 1)                       # [n_kv, group*T, S]
+    scores *= np.float32(1.0 / math.sqrt(hd))
+    mask = causal_mask(start, T, S)
+    if mask is not None:
+        scores = scores.reshape(n_kv, group, T, S)
+        scores += mask
+        scores = scores.reshape(n_kv, group * T, S)
+    out = softmax(scores) @ values                               # [n_kv, group*T, hd]
+    return out.reshape(n_kv, group, T, hd).transpose(2, 0, 1, 3).reshape(T, n_heads * hd)
+
+
+# --- weights ------------------------------------------------------------------------
+
+@dataclass
+class Layer:
+    attention_norm: np.ndarray  # [dim]
+    wqkv_t: np.ndarray          # [dim, q_dim + 2 kv_dim]  (transposed view, no copy)
+    wo_t: np.ndarray            # [q_dim, dim]
+    ffn_norm: np.ndarray        # [dim]
+    w13_t: np.ndarray           # [dim, 2 hidden]
+    w2_t: np.ndarray            # [hidden, dim]
+
+
+class Model:
+    """A Llama model over a memory-mapped .lmw file."""
+
+    def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None):
+        self.file = file
+        self.path = file.path
+        self.config = cfg = file.config
+        self.tokenizer = tokenizer
+        t = file.tensors
+        self.tok_embeddings = t["tok_embeddings.weight"]
+        self.layers = [
+            Layer(attention_norm=t[f"layers.{i}.attention_norm.weight"],
+                  wqkv_t=t[f"layers.{i}.attention.wqkv.weight"].T,
+                  wo_t=t[f"layers.{i}.attention.wo.weight"].T,
+                  ffn_norm=t[f"layers.{i}.ffn_norm.weight"],
+                  w13_t=t[f"layers.{i}.feed_forward.w13.weight"].T,
+                  w2_t=t[f"layers.{i}.feed_forward.w2.weight"].T)
+            for i in range(cfg.n_layers)]
+        self.norm = t["norm.weight"]
+        self.output_t = (self.tok_embeddings if cfg.tied_embeddings else t["output.weight"]).T
+        self.rope = RopeTable(cfg)
+
+    # -- the forward pass ----------------------------------------------------------
+    def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1) -> np.ndarray:
+        """Run `tokens` (at positions start, start+1, ...) through the model.
+
+        Keys and values go into `cache`; returns the logits of the last
+        `n_logits` positions, float32 [n_logits, vocab].
+        """
+        cfg = self.config
+        T = len(tokens)
+        H, eps = cfg.hidden_dim, cfg.norm_eps
+        q_end, k_end = cfg.q_dim, cfg.q_dim + cfg.kv_dim
+        cos, sin = self.rope.get(start, T)
+
+        x = self.tok_embeddings[np.asarray(tokens, dtype=np.intp)]   # [T, dim], a copy
+        for i, layer in enumerate(self.layers):
+            # attention block
+            qkv = rmsnorm(x, layer.attention_norm, eps) @ layer.wqkv_t
+            q = apply_rope(qkv[:, :q_end].reshape(T, cfg.n_heads, cfg.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_end:k_end].reshape(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
+            keys, values = cache.update(i, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            x += attention(q, keys, values, start) @ layer.wo_t
+            # feed-forward block (SwiGLU)
+            gate_up = rmsnorm(x, layer.ffn_norm, eps) @ layer.w13_t
+            x += (silu(gate_up[:, :H]) * gate_up[:, H:]) @ layer.w2_t
+        cache.advance(T)
+        return rmsnorm(x[T - n_logits:], self.norm, eps) @ self.output_t
+
+    # -- conveniences ---------------------------------------------------------------
+    def session(self, kvcache: str = "inplace", max_seq_len: Optional[int] = None) -> "Session":
+        return Session(self, kvcache, max_seq_len)
+
+    def logits(self, ids, kvcache: str = "inplace", fill1: bool = False) -> np.ndarray:
+        """Logits for every position of `ids`, float32 [len(ids), vocab], fresh state."""
+        return self.session(kvcache, max_seq_len=max(len(ids), 1)).feed(
+            ids, fill1=fill1, all_logits=True)
+
+
+class Session:
+    """The run state of one sequence: its tokens so far and its KV cache."""
+
+    def __init__(self, model: Model, kvcache: str = "inplace",
+                 max_seq_len: Optional[int] = None):
+        limit = model.config.max_seq_len
+        self.max_seq_len = limit if max_seq_len is None else max_seq_len
+        if not 0 < self.max_seq_len <= limit:
+            raise LlamanpError(f"sequence length {self.max_seq_len} is outside 1..{limit} "
+                               "(the model's max_seq_len)")
+        self.model = model
+        self.cache = make_cache(kvcache, model.config, self.max_seq_len)
+        self.tokens: list[int] = []
+        self.computed = 0  # token positions actually run through the model
+
+    def reset(self) -> None:
+        self.tokens.clear()
+        self.cache.reset()
+
+    def feed(self, ids, fill1: bool = False, all_logits: bool = False) -> np.ndarray:
+        """Append `ids` and return the logits of the last one ([vocab]), or of
+        all of them ([len(ids), vocab]) with all_logits.
+
+        fill1 runs them one at a time, as decoding does, instead of one batch.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise LlamanpError("nothing to feed: the token list is empty")
+        if len(self.tokens) + len(ids) > self.max_seq_len:
+            raise LlamanpError(f"{len(self.tokens) + len(ids)} tokens do not fit in the "
+                               f"context of {self.max_seq_len}")
+        vocab = self.model.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise LlamanpError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        chunks = [[i] for i in ids] if fill1 else [ids]
+        outs = [self._run(chunk, all_logits) for chunk in chunks]
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def _run(self, chunk: list[int], all_logits: bool) -> np.ndarray:
+        n_out = len(chunk) if all_logits else 1
+        self.tokens.extend(chunk)
+        if self.cache.recompute:   # no cache: the whole sequence, every time
+            self.computed += len(self.tokens)
+            return self.model.forward(self.tokens, 0, self.cache, n_out)
+        self.computed += len(chunk)
+        return self.model.forward(chunk, self.cache.length, self.cache, n_out)
+
+
+def load(path, tokenizer=None) -> Model:
+    """Open a .lmw model (memory-mapped and validated).
+
+    `tokenizer` overrides the embedded one: a path or a Tokenizer.
+    """
+    file = lmw.read(path)
+    if tokenizer is None:
+        tok = Tokenizer.from_data(file.tokenizer) if file.tokenizer is not None else None
+    elif isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(tokenizer)
+    return Model(file, tok)
