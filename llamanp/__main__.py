@@ -1,0 +1,7 @@
+"""`python -m llamanp ...` is `python llama-np.py ...`."""
+
+import sys
+
+from .cli import run
+
+sys.exit(run())

@@ -1,0 +1,147 @@
+"""Conversion of checkpoints into .lmw files.
+
+One reader per source format turns a checkpoint into a
+:class:`~llamanp.convert.checkpoint.Checkpoint` (canonical names and layout);
+this module detects the format, fuses the projections the way the .lmw format
+stores them, and hands everything to the writer.
+
+    detect(src) ─► reader ─► Checkpoint ─► fuse ─► lmw.write (atomic)
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .. import lmw
+from ..errors import LlamanpError
+from ..tokenizer import Tokenizer, TokenizerData, read_tokenizer_file
+from .checkpoint import Checkpoint, SourceTensor, canonical_shapes
+
+__all__ = ["convert", "read_checkpoint", "detect_format", "fused_tensors", "Checkpoint"]
+
+
+# --- which reader? ------------------------------------------------------------------
+
+def detect_format(src: Path) -> str:
+    """Name the source format of `src` from its contents, not from the user."""
+    if src.is_dir():
+        if list(src.glob("consolidated.*.pth")) or (src / "params.json").exists():
+            return "meta"
+        if (src / "config.json").exists():
+            raise LlamanpError(f"{src} looks like a Hugging Face checkpoint, which this "
+                               "version cannot convert yet")
+        raise LlamanpError(f"no checkpoint found in directory {src}: expected "
+                           "consolidated.*.pth + params.json (Meta)")
+    if not src.exists():
+        raise LlamanpError(f"{src} does not exist")
+    if src.name == "params.json":
+        return "meta"
+    with open(src, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF":
+        raise LlamanpError(f"{src} is a GGUF file, which this version cannot convert yet")
+    if zipfile.is_zipfile(src):
+        return "torch"
+    from . import llama2c
+    if llama2c.is_llama2c_bin(src):
+        return "llama2c-bin"
+    raise LlamanpError(f"{src}: unknown checkpoint format; supported are llama2.c .pt/.bin "
+                       "and Meta consolidated.*.pth + params.json")
+
+
+def read_checkpoint(src) -> Checkpoint:
+    src = Path(src)
+    kind = detect_format(src)
+    if kind == "meta":
+        from . import meta
+        return meta.read_meta(src.parent if src.is_file() else src)
+    if kind == "llama2c-bin":
+        from . import llama2c
+        return llama2c.read_llama2c_bin(src)
+    # a torch zip: a llama2.c training checkpoint, or one Meta consolidated shard
+    from . import llama2c, torchfile
+    obj = torchfile.load(src)
+    if llama2c.is_llama2c_pt(obj):
+        return llama2c.read_llama2c_pt(src, obj)
+    if src.name.startswith("consolidated."):
+        from . import meta
+        return meta.read_meta(src.parent)
+    raise LlamanpError(f"{src} is a PyTorch file but neither a llama2.c checkpoint "
+                       "(model_args + model) nor a Meta consolidated.NN.pth")
+
+
+# --- canonical tensors -> the tensors an .lmw stores -----------------------------------
+
+def _check_tensors(ckpt: Checkpoint) -> None:
+    want = canonical_shapes(ckpt.config)
+    missing = [n for n in want if n not in ckpt.tensors]
+    if missing:
+        raise LlamanpError(f"checkpoint lacks tensor {missing[0]}"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    extra = sorted(set(ckpt.tensors) - set(want))
+    if extra:
+        raise LlamanpError(f"checkpoint has unexpected tensor {extra[0]}"
+                           + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    for name, shape in want.items():
+        if tuple(ckpt.tensors[name].shape) != shape:
+            raise LlamanpError(f"tensor {name} has shape {list(ckpt.tensors[name].shape)}, "
+                               f"the config needs {list(shape)}")
+
+
+def _stacked(parts: list[SourceTensor]) -> Callable[[], np.ndarray]:
+    return lambda: np.concatenate([p.load() for p in parts], axis=0)
+
+
+def fused_tensors(ckpt: Checkpoint) -> list[lmw.TensorSource]:
+    """The .lmw tensor list: wq|wk|wv stacked into wqkv, w1|w3 into w13."""
+    _check_tensors(ckpt)
+    t = ckpt.tensors
+    out = []
+    for name, shape in lmw.expected_shapes(ckpt.config).items():
+        if name.endswith("attention.wqkv.weight"):
+            p = name[: -len("wqkv.weight")]
+            load = _stacked([t[p + "wq.weight"], t[p + "wk.weight"], t[p + "wv.weight"]])
+        elif name.endswith("feed_forward.w13.weight"):
+            p = name[: -len("w13.weight")]
+            load = _stacked([t[p + "w1.weight"], t[p + "w3.weight"]])
+        else:
+            load = t[name].load
+        out.append(lmw.TensorSource(name, shape, load))
+    return out
+
+
+# --- the whole conversion -----------------------------------------------------------------
+
+def convert(src, out, tokenizer=None, force: bool = False,
+            progress: Optional[Callable[[int, int, str], None]] = None) -> Checkpoint:
+    """Convert checkpoint `src` (file or directory) into the .lmw file `out`.
+
+    `tokenizer` (a path) is embedded, overriding any the checkpoint carries.
+    Nothing is written unless the whole conversion succeeds.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise LlamanpError(f"{out} already exists; pass --force to overwrite it")
+    if out.exists() and out.is_dir():
+        raise LlamanpError(f"{out} is a directory; give a file name such as model.lmw")
+    tok: Optional[TokenizerData] = None
+    if tokenizer is not None:
+        tok = read_tokenizer_file(tokenizer)
+    ckpt = read_checkpoint(src)
+    if tok is not None:
+        ckpt.tokenizer = tok
+    tensors = fused_tensors(ckpt)
+    if ckpt.tokenizer is not None:
+        n_tok = Tokenizer.from_data(ckpt.tokenizer).vocab_size
+        if n_tok > ckpt.config.vocab_size:
+            raise LlamanpError(f"the tokenizer has {n_tok} tokens but the model only "
+                               f"{ckpt.config.vocab_size}; is it the right tokenizer?")
+    from .. import __version__
+    metadata = dict(ckpt.metadata, source_format=ckpt.source, converter=f"llamanp {__version__}")
+    lmw.write(out, ckpt.config, tensors, ckpt.tokenizer, metadata, force=force,
+              progress=progress)
+    return ckpt

@@ -1,0 +1,64 @@
+"""convert.py: checkpoint -> .lmw, from the command line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+from ..cliutil import ArgumentParser, run_main
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
+        prog="convert.py",
+        description="Convert a checkpoint into one .lmw file (format detected from SRC): "
+                    "llama2.c training checkpoints (.pt) and exports (.bin, v0 and v1), "
+                    "Meta consolidated.*.pth + params.json (one or several shards).")
+    p.add_argument("src", metavar="SRC", help="checkpoint file or directory")
+    p.add_argument("out", metavar="OUT.lmw", help="file to write")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer to embed (SentencePiece .model or Llama 3 tiktoken file)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    return p
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not self.tty and done < total:
+            return  # in a log, only the final line is useful
+        width = 30
+        filled = width * done // max(total, 1)
+        line = (f"\rconverting [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                f"{name[:40]:<40}")
+        self.stream.write(line if self.tty else line.lstrip("\r").rstrip() + "\n")
+        if self.tty and done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def main(argv: Optional[list] = None) -> int:
+    from . import convert
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    ckpt = convert(args.src, args.out, tokenizer=args.tokenizer, force=args.force,
+                   progress=Progress())
+    c = ckpt.config
+    tok = ckpt.tokenizer.kind if ckpt.tokenizer is not None else "none"
+    print(f"wrote {args.out}: {ckpt.source}, {c.n_layers} layers, dim {c.dim}, "
+          f"heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size}, tokenizer {tok} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    if ckpt.tokenizer is None:
+        print("note: no tokenizer embedded; pass --tokenizer PATH here, or -t PATH when "
+              "running, to work with text", file=sys.stderr)
+    return 0
+
+
+def run(argv: Optional[list] = None) -> int:
+    return run_main(main, argv)
