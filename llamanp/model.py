@@ -28,7 +28,6 @@ from .errors import LlamanpError
 from .kvcache import KVCache, make_cache
 from .tokenizer import Tokenizer
 
-
 # --- the maths ----------------------------------------------------------------------
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

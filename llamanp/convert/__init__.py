@@ -19,7 +19,7 @@ import numpy as np
 from .. import lmw
 from ..errors import LlamanpError
 from ..tokenizer import Tokenizer, TokenizerData, read_tokenizer_file
-from .checkpoint import Checkpoint, SourceTensor, canonical_shapes
+from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors
 
 __all__ = ["convert", "read_checkpoint", "detect_format", "fused_tensors", "Checkpoint"]
 
@@ -76,29 +76,13 @@ def read_checkpoint(src) -> Checkpoint:
 
 # --- canonical tensors -> the tensors an .lmw stores -----------------------------------
 
-def _check_tensors(ckpt: Checkpoint) -> None:
-    want = canonical_shapes(ckpt.config)
-    missing = [n for n in want if n not in ckpt.tensors]
-    if missing:
-        raise LlamanpError(f"checkpoint lacks tensor {missing[0]}"
-                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    extra = sorted(set(ckpt.tensors) - set(want))
-    if extra:
-        raise LlamanpError(f"checkpoint has unexpected tensor {extra[0]}"
-                           + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-    for name, shape in want.items():
-        if tuple(ckpt.tensors[name].shape) != shape:
-            raise LlamanpError(f"tensor {name} has shape {list(ckpt.tensors[name].shape)}, "
-                               f"the config needs {list(shape)}")
-
-
 def _stacked(parts: list[SourceTensor]) -> Callable[[], np.ndarray]:
     return lambda: np.concatenate([p.load() for p in parts], axis=0)
 
 
 def fused_tensors(ckpt: Checkpoint) -> list[lmw.TensorSource]:
     """The .lmw tensor list: wq|wk|wv stacked into wqkv, w1|w3 into w13."""
-    _check_tensors(ckpt)
+    check_canonical_tensors(ckpt.tensors, ckpt.config, ckpt.source or "checkpoint")
     t = ckpt.tensors
     out = []
     for name, shape in lmw.expected_shapes(ckpt.config).items():

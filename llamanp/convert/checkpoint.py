@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..config import Config
+from ..errors import LlamanpError
 
 
 def layer_tensor_names(i: int) -> list[str]:
@@ -70,3 +71,34 @@ class Checkpoint:
     tokenizer: Optional[object] = None        # llamanp.tokenizer.TokenizerData or None
     source: str = ""                          # e.g. "llama2.c checkpoint (.pt)"
     metadata: dict = field(default_factory=dict)  # JSON-able notes kept in the header
+
+
+def check_canonical_tensors(tensors: dict, cfg: Config, where: str) -> None:
+    """Every canonical tensor present, nothing else, each of the right shape."""
+    want = canonical_shapes(cfg)
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        raise LlamanpError(f"{where} lacks tensor(s) {few_names(missing)}; "
+                           "the checkpoint is incomplete or not a Llama model")
+    unexpected = sorted(set(tensors) - set(want))
+    if unexpected:
+        raise LlamanpError(f"{where} has unexpected tensor(s) {few_names(unexpected)}; "
+                           "llamanp reads plain Llama models only")
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise LlamanpError(f"{where}: {name} has shape {list(tensors[name].shape)} but "
+                               f"the model's hyper-parameters need {list(shape)}")
+
+
+def require_float_tensors(tensors: dict, where: str) -> None:
+    """Weights must be floating point; an integer tensor means a foreign checkpoint."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point:
+            raise LlamanpError(f"{where}: {name} holds {tensor.dtype} values, not "
+                               "floating-point weights; the checkpoint is not a Llama model")
+
+
+def few_names(names: list[str], limit: int = 4) -> str:
+    """Name a handful of items in an error message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -35,8 +35,13 @@ import numpy as np
 from ..config import Config, RopeScaling
 from ..errors import LlamanpError
 from . import torchfile
-from .checkpoint import Checkpoint, SourceTensor
-from .llama2c import check_canonical_tensors, few_names, require_float_tensors
+from .checkpoint import (
+    Checkpoint,
+    SourceTensor,
+    check_canonical_tensors,
+    few_names,
+    require_float_tensors,
+)
 
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 _IGNORED_KEYS = {"rope.freqs"}
