@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import Config, RopeScaling
 from ..errors import LlamanpError
+from ..tokenizer import read_tokenizer_file
 from . import torchfile
 from .checkpoint import (
     Checkpoint,
@@ -357,5 +358,17 @@ def read_meta(path) -> Checkpoint:
         metadata["meta_embedding_split"] = "vocab" if embedding_axis == 0 else "dim"
     plural = "s" if len(shards) > 1 else ""
     return Checkpoint(config=cfg, tensors=tensors,
+                      tokenizer=_tokenizer_beside(directory),
                       source=f"Meta consolidated.*.pth ({len(shards)} shard{plural})",
                       metadata=metadata)
+
+
+def _tokenizer_beside(directory: str):
+    """Meta ships tokenizer.model in the model directory (Llama 3) or next to
+    it (Llama 2's download puts it in the parent): embed it when present."""
+    for candidate in (os.path.join(directory, "tokenizer.model"),
+                      os.path.join(os.path.dirname(os.path.normpath(directory)),
+                                   "tokenizer.model")):
+        if os.path.isfile(candidate):
+            return read_tokenizer_file(candidate)
+    return None
