@@ -140,8 +140,8 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
         raise _bad(path, str(e)) from None
 
     regions = []  # (offset, nbytes, what) for the overlap / truncation checks
-    tensors = _read_tensor_table(path, mm, header["tensors"], data_start, data_size, regions)
-    _check_expected(path, config, tensors)
+    table = _read_tensor_table(path, header["tensors"], data_size, regions)
+    _check_expected(path, config, table)
 
     tokenizer = None
     th = header.get("tokenizer")
@@ -161,6 +161,10 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise _bad(path, "metadata is not an object")
+    # only now, with everything checked, view the tensors in place
+    tensors = {name: np.frombuffer(mm, dtype=DTYPES[dtype], count=int(np.prod(shape)),
+                                   offset=data_start + off).reshape(shape)
+               for name, (dtype, shape, off) in table.items()}
     return LmwFile(path, version, config, tokenizer, metadata, tensors)
 
 
@@ -175,7 +179,8 @@ def _region(path, entry: dict, what: str, data_size: int) -> tuple[int, int]:
     return off, nbytes
 
 
-def _read_tensor_table(path, mm, table, data_start, data_size, regions) -> dict:
+def _read_tensor_table(path, table, data_size, regions) -> dict:
+    """Check every entry of the tensor table; return {name: (dtype, shape, offset)}."""
     if not isinstance(table, list):
         raise _bad(path, "tensor table is not a list")
     tensors = {}
@@ -200,23 +205,22 @@ def _read_tensor_table(path, mm, table, data_start, data_size, regions) -> dict:
             raise _bad(path, f"tensor {name} has {nbytes} bytes, its shape needs "
                        f"{count * DTYPES[dtype].itemsize}")
         regions.append((off, nbytes, f"tensor {name}"))
-        arr = np.frombuffer(mm, dtype=DTYPES[dtype], count=count, offset=data_start + off)
-        tensors[name] = arr.reshape(shape)
+        tensors[name] = (dtype, tuple(shape), off)
     return tensors
 
 
-def _check_expected(path, config: Config, tensors: dict) -> None:
+def _check_expected(path, config: Config, table: dict) -> None:
     want = expected_shapes(config)
-    missing = [n for n in want if n not in tensors]
+    missing = [n for n in want if n not in table]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise _bad(path, f"tensor {missing[0]}{more} missing")
-    extra = [n for n in tensors if n not in want]
+    extra = [n for n in table if n not in want]
     if extra:
         raise _bad(path, f"unexpected tensor {extra[0]} for this config")
     for name, shape in want.items():
-        if tensors[name].shape != shape:
-            raise _bad(path, f"tensor {name} has shape {list(tensors[name].shape)}, "
+        if table[name][1] != shape:
+            raise _bad(path, f"tensor {name} has shape {list(table[name][1])}, "
                        f"the config needs {list(shape)}")
 
 

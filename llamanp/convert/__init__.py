@@ -32,25 +32,35 @@ def detect_format(src: Path) -> str:
         if list(src.glob("consolidated.*.pth")) or (src / "params.json").exists():
             return "meta"
         if (src / "config.json").exists():
-            raise LlamanpError(f"{src} looks like a Hugging Face checkpoint, which this "
-                               "version cannot convert yet")
+            return "hf"
+        ggufs = sorted(src.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf"
         raise LlamanpError(f"no checkpoint found in directory {src}: expected "
-                           "consolidated.*.pth + params.json (Meta)")
+                           "consolidated.*.pth + params.json (Meta), config.json + "
+                           "*.safetensors / pytorch_model.bin (Hugging Face), or one .gguf")
     if not src.exists():
         raise LlamanpError(f"{src} does not exist")
     if src.name == "params.json":
         return "meta"
+    if src.name == "config.json" or src.name.endswith(".safetensors.index.json") \
+            or src.name.endswith(".bin.index.json"):
+        return "hf"
     with open(src, "rb") as f:
         head = f.read(8)
     if head[:4] == b"GGUF":
-        raise LlamanpError(f"{src} is a GGUF file, which this version cannot convert yet")
+        return "gguf"
+    if src.suffix == ".safetensors" or (zipfile.is_zipfile(src)
+                                        and (src.parent / "config.json").exists()):
+        return "hf"
     if zipfile.is_zipfile(src):
         return "torch"
     from . import llama2c
     if llama2c.is_llama2c_bin(src):
         return "llama2c-bin"
-    raise LlamanpError(f"{src}: unknown checkpoint format; supported are llama2.c .pt/.bin "
-                       "and Meta consolidated.*.pth + params.json")
+    raise LlamanpError(f"{src}: unknown checkpoint format; supported are llama2.c .pt/.bin, "
+                       "Meta consolidated.*.pth + params.json, Hugging Face directories "
+                       "(config.json + safetensors or pytorch_model.bin) and GGUF")
 
 
 def read_checkpoint(src) -> Checkpoint:
@@ -59,6 +69,12 @@ def read_checkpoint(src) -> Checkpoint:
     if kind == "meta":
         from . import meta
         return meta.read_meta(src.parent if src.is_file() else src)
+    if kind == "hf":
+        from . import hf
+        return hf.read_hf(src.parent if src.is_file() else src)
+    if kind == "gguf":
+        from . import gguf
+        return gguf.read_gguf(src if src.is_file() else sorted(src.glob("*.gguf"))[0])
     if kind == "llama2c-bin":
         from . import llama2c
         return llama2c.read_llama2c_bin(src)
