@@ -308,6 +308,7 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
                 progress(len(tensors), len(tensors), "")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a model is not
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -315,6 +316,12 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _pad_to(f, offset: int) -> None:
