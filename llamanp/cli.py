@@ -73,13 +73,19 @@ def read_prompt(args) -> str:
     if args.file is not None:
         try:
             text = Path(args.file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LlamanpError(f"cannot read prompt file {args.file}: "
-                               f"{getattr(e, 'strerror', None) or e}") from None
+        except UnicodeDecodeError as e:
+            raise LlamanpError(f"prompt file {args.file} is not valid UTF-8 text "
+                               f"(byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        except OSError as e:
+            raise LlamanpError(f"cannot read prompt file {args.file}: {e.strerror}") from None
     else:
         text = args.prompt
     if text == "":
         raise LlamanpError("the prompt is empty; give some text with -i or -f")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv arrive as lone surrogates
+        raise LlamanpError("the prompt is not valid UTF-8 text") from None
     return text
 
 

@@ -105,6 +105,9 @@ class Config:
         need(isinstance(self.tied_embeddings, bool), "tied_embeddings must be true or false")
         rs = self.rope_scaling
         if rs is not None:
+            need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in (rs.factor, rs.low_freq_factor, rs.high_freq_factor)),
+                 "rope_scaling factors must be numbers")
             need(rs.factor > 0 and rs.low_freq_factor > 0 and rs.high_freq_factor > 0,
                  "rope_scaling factors must be positive")
             need(rs.high_freq_factor > rs.low_freq_factor,

@@ -78,6 +78,9 @@ class Generation:
         st.prefill_seconds = time.perf_counter() - t0
         st.prompt_computed = st.computed_tokens = s.computed
         while True:
+            if len(s.tokens) >= s.max_seq_len:  # no position left for another token
+                st.stop_reason = "context"
+                return
             token = self.sampler(logits)
             if token in self.stop_ids:
                 st.stop_reason = "eos"
@@ -86,9 +89,6 @@ class Generation:
             yield token
             if st.generated_tokens >= self.max_new_tokens:
                 st.stop_reason = "length"
-                return
-            if len(s.tokens) >= s.max_seq_len:
-                st.stop_reason = "context"
                 return
             t1 = time.perf_counter()
             logits = s.feed([token])

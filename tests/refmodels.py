@@ -55,8 +55,8 @@ META_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
 
 # Source formats, by the name the tests use. The converter reads the first
-# three; "hf" (a Hugging Face directory) is written for when it learns to;
-# "lmw" is llamanp's own format written directly from its specification.
+# four ("hf" is a Hugging Face directory); "lmw" is llamanp's own format
+# written directly from its specification.
 FORMATS = ("llama2c_pt", "llama2c_bin", "meta", "hf", "lmw")
 
 
@@ -92,23 +92,27 @@ class ModelSpec:
     prompt_len: int = 12          # length of the random prompt the tests use
     gen_len: int = 16             # greedy tokens compared with the reference
     seed: int = 0                 # weights/prompt seed (one whose greedy margins are clear)
+    # head width when it is not dim / n_heads (HF's config.json head_dim can say so)
+    explicit_head_dim: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
 
     @property
     def hidden_dim(self) -> int:
         return meta_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def __post_init__(self):
-        assert self.dim % self.n_heads == 0, self.name
+        assert self.explicit_head_dim or self.dim % self.n_heads == 0, self.name
         assert self.n_heads % self.n_kv_heads == 0, self.name
         assert self.head_dim % 2 == 0, self.name
         assert self.prompt_len + self.gen_len <= self.max_seq_len, self.name
 
     def can_express(self, fmt: str) -> tuple[bool, str]:
         """Whether source format `fmt` can describe this model, and why not."""
+        if self.explicit_head_dim is not None and fmt in ("llama2c_pt", "llama2c_bin", "meta"):
+            return False, "llama2.c's and Meta's model.py derive head_dim = dim / n_heads"
         if fmt in ("llama2c_pt", "llama2c_bin"):
             # llama2.c: head_dim = dim / n_heads, theta 10000 hard-wired, no scaling
             if self.rope_theta != 10000.0:
@@ -167,6 +171,11 @@ SPECS: list[ModelSpec] = [
               vocab_size=160, max_seq_len=64, multiple_of=32, tied=True,
               rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                 original_max_position_embeddings=16), prompt_len=40),
+    # heads wider than dim / n_heads (4 x 24 = 96 > 64), GQA 4/2, untied: the
+    # q/k permutation and the attention must use head_dim, not dim / n_heads
+    # -> hf (config.json head_dim), lmw
+    ModelSpec("gqa4_2_hd24", dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+              vocab_size=192, max_seq_len=64, multiple_of=32, explicit_head_dim=24),
 ]
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}
@@ -672,8 +681,20 @@ def write_meta(dirpath, model, spec: ModelSpec, n_shards: int = 1, family: str =
     return dirpath
 
 
-def write_hf(dirpath, model, legacy_config: bool = True) -> Path:
-    """A Hugging Face model directory (config.json + model.safetensors).
+def write_hf(dirpath, model, legacy_config: bool = True, dtype: Optional[str] = None,
+             max_shard_size: Optional[str] = None, pytorch_bin: bool = False) -> Path:
+    """A Hugging Face model directory, written by transformers / huggingface_hub.
+
+    By default: config.json + model.safetensors from ``save_pretrained``.
+    dtype ("float16", "bfloat16") saves a half-precision copy of the model
+    (the reference then has to be loaded back from the file).
+    max_shard_size (e.g. "40KB") shards the weights and writes the index.
+    pytorch_bin=True writes pytorch_model.bin (and, sharded,
+    pytorch_model-0000i-of-0000n.bin + pytorch_model.bin.index.json) as
+    transformers 4 did: transformers 5 only saves safetensors, so the
+    state_dict goes through huggingface_hub.save_torch_state_dict, the
+    routine 4.x used, and a tied model keeps lm_head.weight as a second
+    name for the embedding's storage.
 
     legacy_config=True rewrites config.json the way hub checkpoints are
     written (top-level "rope_theta", "rope_scaling" with "rope_type"), which
@@ -681,7 +702,19 @@ def write_hf(dirpath, model, legacy_config: bool = True) -> Path:
     "rope_parameters".
     """
     dirpath = Path(dirpath)
-    model.save_pretrained(dirpath, safe_serialization=True)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        import copy
+        model = copy.deepcopy(model).to(getattr(torch, dtype))    # leave the caller's alone
+    shard_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if pytorch_bin:
+        from huggingface_hub import save_torch_state_dict
+        save_torch_state_dict(model.state_dict(), dirpath, safe_serialization=False,
+                              **shard_kw)
+        model.config.save_pretrained(dirpath)
+        model.generation_config.save_pretrained(dirpath)
+    else:
+        model.save_pretrained(dirpath, **shard_kw)
     cfg_path = dirpath / "config.json"
     cfg = json.loads(cfg_path.read_text())
     theta, scaling = hf_rope_settings(model.config)

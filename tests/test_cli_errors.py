@@ -428,3 +428,13 @@ def test_run_text_with_tokenizer_flag_works(store, sp_model, outdir):
 
 def test_run_bad_tokenizer_flag(store, tmp_path, outdir):
     run_fails(store.lmw(NOTOK_CASE), outdir, "-t", tmp_path / "nope.model")
+
+
+def test_run_prompt_not_utf8(store, tmp_path, outdir):
+    f = tmp_path / "prompt.txt"
+    f.write_bytes(b"the little cat \xff\xfe")
+    run_fails(store.lmw(TOK_CASE), outdir, "-f", f, mentions=("UTF-8",))
+
+
+def test_run_conflicting_kvcache_flags(store, outdir):
+    run_fails(store.lmw(TOK_CASE), outdir, "--nokvcache", "--kvcache", "concat")

@@ -76,19 +76,37 @@ CASES: list[Case] = [
     # scaling with original context 16, which no source format above can express
     case("lmw-llama3_scaled_orig16", "llama3_scaled_orig16", "lmw"),
     case("lmw-gqa6_2_theta5e5", "gqa6_2_theta5e5", "lmw"),
-    # Hugging Face directories are not convertible yet (convert.py says so);
-    # refmodels.write_hf is ready. When they are, add e.g.
-    #   case("hf-llama3_scaled_orig16", "llama3_scaled_orig16", "hf", legacy_config=True),
-    #   case("hf-v5cfg-gqa4_2", "gqa4_2", "hf", legacy_config=False),
+    case("lmw-gqa4_2_hd24", "gqa4_2_hd24", "lmw"),
+    # Hugging Face directories from save_pretrained (config.json + model.safetensors),
+    # every spec, in the Hub's config spelling (top-level rope_theta / rope_scaling)
+    # or transformers 5's (rope_parameters, "v5cfg"). test_hf.py adds shards,
+    # float16 / bfloat16 files and pytorch_model.bin.
+    case("hf-mha_tied", "mha_tied", "hf", legacy_config=True),
+    case("hf-v5cfg-mha3_untied_eps6", "mha3_untied_eps6", "hf", legacy_config=False),
+    case("hf-gqa4_2", "gqa4_2", "hf", legacy_config=True),
+    case("hf-v5cfg-mqa3_1_tied_eps6", "mqa3_1_tied_eps6", "hf", legacy_config=False),
+    case("hf-gqa6_2_theta5e5", "gqa6_2_theta5e5", "hf", legacy_config=True),
+    case("hf-v5cfg-gqa8_4_theta5e5", "gqa8_4_theta5e5", "hf", legacy_config=False),
+    case("hf-llama31_scaled_theta5e5", "llama31_scaled_theta5e5", "hf", legacy_config=True),
+    case("hf-v5cfg-llama31_scaled_theta1e4", "llama31_scaled_theta1e4", "hf",
+         legacy_config=False),
+    case("hf-llama3_scaled_orig16", "llama3_scaled_orig16", "hf", legacy_config=True),
+    case("hf-v5cfg-llama3_scaled_orig16", "llama3_scaled_orig16", "hf", legacy_config=False),
+    case("hf-gqa4_2_hd24", "gqa4_2_hd24", "hf", legacy_config=True),
+    case("hf-v5cfg-gqa4_2_hd24", "gqa4_2_hd24", "hf", legacy_config=False),
+    # bfloat16 safetensors (the reference holds the same rounded weights)
+    case("hf-bf16-gqa6_2_theta5e5", "gqa6_2_theta5e5", "hf", bf16=True,
+         legacy_config=True, dtype="bfloat16"),
 ]
 CASE_BY_ID = {c.id: c for c in CASES}
 assert len(CASE_BY_ID) == len(CASES)
 
-CONVERTIBLE = ("llama2c_pt", "llama2c_bin", "meta")   # what convert.py reads today
+CONVERTIBLE = ("llama2c_pt", "llama2c_bin", "meta", "hf")   # what convert.py reads today
 
 
 KV_CASES = ["pt-mqa3_1_tied_eps6", "pt-mha3_untied_eps6", "meta-llama3-1-gqa6_2_theta5e5",
-            "meta-llama3-1-llama31_scaled_theta5e5", "lmw-llama3_scaled_orig16"]
+            "meta-llama3-1-llama31_scaled_theta5e5", "lmw-llama3_scaled_orig16",
+            "hf-v5cfg-gqa4_2_hd24"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -377,7 +395,7 @@ def _check_config(m, c: Case):
             spec.rope_scaling["factor"], spec.rope_scaling["low_freq_factor"],
             spec.rope_scaling["high_freq_factor"],
             spec.rope_scaling["original_max_position_embeddings"])
-    if c.fmt.startswith("llama2c") or c.fmt == "lmw":
+    if c.fmt.startswith("llama2c") or c.fmt in ("lmw", "hf"):
         assert cfg.max_seq_len == spec.max_seq_len
 
 
