@@ -9,6 +9,12 @@ original ``tokenizer.model`` file:
   per line. The pre-tokenizer regex and the special tokens are not in the
   file; they are Meta's Llama 3 constants below.
 
+``llamanp.convert.tokenizers`` builds the same two kinds from the tokenizers
+that Hugging Face and GGUF checkpoints carry: byte-level BPE vocabularies
+(GPT-2, SmolLM, Llama 3 style) become tiktoken ranks, whose special tokens may
+take any ids (SmolLM's come first), and SentencePiece vocabularies in a GGUF
+become a SentencePiece model again.
+
 The libraries do the encoding and decoding, so llamanp produces exactly the
 ids the model was trained on. This module adds what a generation loop needs on
 top of them: the raw bytes of each token, and a streaming decoder that prints
@@ -91,7 +97,9 @@ class TokenizerData:
     bos_id: Optional[int]
     eos_id: Optional[int]
     stop_ids: list[int]            # ids that end generation
-    extra: dict                    # tiktoken: {"pattern": str, "special_tokens": {text: id}}
+    # tiktoken: {"pattern": str, "special_tokens": {text: id}} and optionally
+    # "added_tokens": {text: id}, texts that encode recognises in user text.
+    extra: dict
     chat_template: Optional[str] = None
 
     def header(self) -> dict:
@@ -154,6 +162,11 @@ class TokenizerData:
                  and all(isinstance(k, str) and _is_int(v) and v >= 0
                          for k, v in specials.items()),
                  "tiktoken needs extra.special_tokens, an object of text -> id")
+            added = self.extra.get("added_tokens", {})
+            need(isinstance(added, dict)
+                 and all(isinstance(k, str) and k != "" and _is_int(v) and v >= 0
+                         for k, v in added.items()),
+                 "extra.added_tokens must be an object of non-empty text -> id")
 
 
 # -- reading a tokenizer file ------------------------------------------------
@@ -243,8 +256,8 @@ def _llama3_tiktoken_data(data: bytes, source: str) -> TokenizerData:
                          extra={"pattern": LLAMA3_PATTERN, "special_tokens": specials})
 
 
-def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
-    """Parse "base64(token) rank" lines; ranks must be 0..n-1, each once."""
+def _parse_ranks(data: bytes, source: str, contiguous: bool = True) -> dict[bytes, int]:
+    """Parse "base64(token) rank" lines; each rank once, and 0..n-1 if `contiguous`."""
     # Split the whole file at once: per-line parsing of Llama 3's 128000 lines
     # is twice as slow. One space per line keeps tokens and ranks paired.
     fields = data.split()
@@ -258,8 +271,11 @@ def _parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
         raise LlamanpError(f"{source}: {_first_bad_line(data)} is not 'base64-token rank'; "
                            "the tiktoken ranks file is damaged") from None
     n = len(tokens)
-    if len(ranks) != n or sorted(ranks.values()) != list(range(n)):
+    if contiguous and (len(ranks) != n or sorted(ranks.values()) != list(range(n))):
         raise LlamanpError(f"{source}: the tiktoken ranks are not 0..{n - 1} each once; "
+                           "the ranks file is damaged")
+    if not contiguous and (len(ranks) != n or len(set(ranks.values())) != n):
+        raise LlamanpError(f"{source}: a token or a rank occurs twice; "
                            "the ranks file is damaged")
     return ranks
 
@@ -445,42 +461,132 @@ def _leading_space_rule(sp, pieces: list[str]) -> tuple[bool, bool]:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3 style byte-level BPE tokenizer backed by the tiktoken library."""
+    """Byte-level BPE tokenizer (Llama 3, GPT-2, SmolLM) backed by the tiktoken library.
+
+    The ranks and the special tokens together number the ids 0..n-1; the
+    specials may come anywhere (Llama 3's follow the ranks, SmolLM's precede
+    them). Special-token text in user text is plain text, except the texts in
+    ``extra["added_tokens"]`` (Hugging Face's non-special added tokens), which
+    are recognised as Hugging Face does: leftmost, and the longest there.
+    """
 
     def __init__(self, td: TokenizerData):
         import tiktoken
 
-        ranks = _parse_ranks(td.data, source="the embedded tiktoken ranks file")
+        ranks = _parse_ranks(td.data, source="the embedded tiktoken ranks file",
+                             contiguous=False)
         specials = td.extra["special_tokens"]
-        expected = list(range(len(ranks), len(ranks) + len(specials)))
-        if sorted(specials.values()) != expected:
-            raise LlamanpError("tiktoken special token ids must follow the BPE ranks without "
-                               "gaps; the tokenizer settings are corrupt")
+        n = len(ranks) + len(specials)
+        if sorted([*ranks.values(), *specials.values()]) != list(range(n)):
+            raise LlamanpError(f"tiktoken ranks and special token ids must together number "
+                               f"0..{n - 1}, each once; the tokenizer settings are corrupt")
         try:
             self._enc = tiktoken.Encoding(name="llamanp", pat_str=td.extra["pattern"],
                                           mergeable_ranks=ranks, special_tokens=specials)
         except ValueError as e:
             raise LlamanpError(f"bad tiktoken settings: {e}") from None
-        table = [b""] * (len(ranks) + len(specials))
+        table = [b""] * n
         for token, rank in ranks.items():
             table[rank] = token
         for text, id in specials.items():
             table[id] = text.encode()           # tiktoken decodes a special to its text
         super().__init__(td, table)
 
+        self._added = dict(td.extra.get("added_tokens", {}))
+        for text, id in self._added.items():
+            self._check_id(id)
+        # Leftmost match first; among matches there, the alternatives are tried
+        # longest first, so the longest wins (Hugging Face's rule).
+        self._added_re = re.compile("|".join(
+            re.escape(t) for t in sorted(self._added, key=len, reverse=True))) \
+            if self._added else None
+
+        # A vocabulary may lack some single bytes (SmolLM has no token for
+        # b"\x04"); tiktoken cannot encode text that needs one, and Hugging
+        # Face's BPE drops such bytes. Texts that hold one take a slower path.
+        present = bytes(b for b in range(256) if bytes([b]) in ranks)
+        self._present = present if len(present) < 256 else None
+        self._missing = bytes(sorted(set(range(256)) - set(present)))
+        self._ranks = ranks
+        self._pattern = None
+
     def _encode_text(self, text: str) -> list[int]:
+        if self._added_re is None:
+            return self._encode_plain(text)
+        ids, pos = [], 0
+        for m in self._added_re.finditer(text):
+            ids += self._encode_plain(text[pos:m.start()])
+            ids.append(self._added[m.group()])
+            pos = m.end()
+        return ids + self._encode_plain(text[pos:])
+
+    def _encode_plain(self, text: str) -> list[int]:
+        if self._present is not None and text:
+            try:
+                raw = text.encode("utf-8")
+            except UnicodeEncodeError:          # lone surrogates: as tiktoken does
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                raw = text.encode("utf-8")
+            if raw.translate(None, self._present):
+                return self._encode_dropping_missing_bytes(text)
         # User text never yields special ids: "<|eot_id|>" typed by a user is just text.
         return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+
+    def _encode_dropping_missing_bytes(self, text: str) -> list[int]:
+        """Encode text with bytes the vocabulary lacks, dropping them as Hugging Face does.
+
+        The text is split with the same regex, then each piece loses the bytes
+        that have no token before BPE runs on what is left, so the bytes on
+        either side of a dropped one may merge. The `regex` module is
+        tiktoken's own dependency.
+        """
+        import regex
+
+        if self._pattern is None:
+            self._pattern = regex.compile(self.data.extra["pattern"])
+        ids = []
+        for m in self._pattern.finditer(text):
+            piece = m.group().encode("utf-8")
+            kept = piece.translate(None, self._missing)
+            if kept:
+                # Only an intact piece may be looked up whole: Hugging Face
+                # runs BPE on a piece whose bytes were dropped.
+                ids += _bpe(kept, self._ranks, whole=kept == piece)
+        return ids
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._enc.decode(ids, errors="replace")
 
     def special_id(self, text: str) -> Optional[int]:
-        return self.data.extra["special_tokens"].get(text)
+        id = self.data.extra["special_tokens"].get(text)
+        return id if id is not None else self._added.get(text)
 
     def stream(self, at_start: bool = True) -> "StreamDecoder":
         # Byte-level BPE has no start-of-text rule, so at_start changes nothing.
         return _ByteStream(self)
+
+
+def _bpe(piece: bytes, ranks: dict[bytes, int], whole: bool = True) -> list[int]:
+    """tiktoken's byte-pair encoding of one piece, in Python (for the rare slow path).
+
+    With `whole`, a piece that is itself a token is that token. Otherwise the
+    adjacent pair whose concatenation has the lowest rank merges first, the
+    leftmost among equals, until no pair is a token.
+    """
+    if whole and piece in ranks:
+        return [ranks[piece]]
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    while len(parts) > 1:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            break
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return [ranks[p] for p in parts]
 
 
 def load_tokenizer(path) -> Tokenizer:
