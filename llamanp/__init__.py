@@ -6,6 +6,7 @@
     print(m.tokenizer.decode(list(llamanp.generate(m, ids, 32))))
 """
 
+from .beam import Beam, beam_search
 from .config import Config, RopeScaling
 from .errors import LlamanpError
 from .generate import Generation, generate
@@ -15,5 +16,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "RopeScaling", "LlamanpError", "Generation", "generate", "Model",
-           "Session", "load", "Sampler", "Tokenizer", "load_tokenizer", "__version__"]
+__all__ = ["Beam", "beam_search", "Config", "RopeScaling", "LlamanpError", "Generation",
+           "generate", "Model", "Session", "load", "Sampler", "Tokenizer", "load_tokenizer",
+           "__version__"]

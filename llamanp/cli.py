@@ -6,19 +6,27 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from .beam import Beam, beam_score, beam_search, check_beam_args
 from .cliutil import ArgumentParser, run_main
 from .errors import LlamanpError
-from .generate import Generation, GenerationStats
+from .generate import Generation, GenerationStats, TokenLogprobs, check_stop_strings
 from .kvcache import STRATEGIES
 from .model import Model, load
-from .sampling import Sampler, check_sampling
-from .tokenizer import load_tokenizer
+from .sampling import Sampler, SamplingStep, check_sampling, softmax
+from .tokenizer import Tokenizer, load_tokenizer
+
+YOU_PICK_CHOICES = 10     # candidates shown by --you-pick
+HISTORY_CANDIDATES = 10   # candidates recorded per step by --sampler-history
 
 
 def build_parser() -> ArgumentParser:
@@ -44,7 +52,46 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--topp", type=float, default=0.95,
                    help="nucleus sampling: keep the most likely tokens up to this mass; "
                         "1 = off (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="keep tokens at least P times as likely as the best one; 0 = off "
+                        "(default 0)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R",
+                   help="divide (multiply, if negative) the logits of recent tokens by R; "
+                        "1 = off (default 1)")
+    g.add_argument("--repeat-last-n", type=int, default=64, metavar="N",
+                   help="penalties look at the last N tokens of prompt + output; "
+                        "-1 = all, 0 = none (default 64)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="subtract F times its count from a recent token's logit (default 0)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="subtract P from the logit of any recent token (default 0)")
+    g.add_argument("--mirostat", type=int, default=0, metavar="{0,1,2}",
+                   help="Mirostat version, instead of top-k/top-p/min-p; 0 = off (default 0)")
+    g.add_argument("--mirostat-tau", type=float, default=5.0, metavar="TAU",
+                   help="Mirostat's target surprise in bits (default 5)")
+    g.add_argument("--mirostat-eta", type=float, default=0.1, metavar="ETA",
+                   help="Mirostat's learning rate (default 0.1)")
     g.add_argument("--seed", type=int, help="random seed (default: random; printed in stats)")
+    st = p.add_argument_group("stopping")
+    st.add_argument("--stop", action="append", default=[], metavar="STR",
+                    help="stop when the output contains STR (not printed); repeatable")
+    st.add_argument("--max-time", type=float, metavar="SEC",
+                    help="stop after SEC seconds (checked after each token)")
+    b = p.add_argument_group("beam search (deterministic; the sampling options do not apply)")
+    b.add_argument("--beams", type=int, metavar="K",
+                   help="print the most likely continuation found with K beams")
+    b.add_argument("--length-penalty", type=float, default=1.0, metavar="LP",
+                   help="rank beams by logprob / length^LP; > 0 favours longer ones (default 1)")
+    look = p.add_argument_group("looking inside")
+    look.add_argument("--you-pick", action="store_true",
+                      help="choose each token yourself from the top candidates (read from "
+                           "stdin: Enter = the sampler's pick, a number, q = stop)")
+    look.add_argument("--sampler-history", metavar="FILE",
+                      help="write the top candidates and the choice of every step to FILE "
+                           "(JSON lines)")
+    look.add_argument("--logprobs", type=int, default=0, metavar="N",
+                      help="report each token's log-probability and the N most likely "
+                           "alternatives (stderr and --stats-json)")
     r = p.add_argument_group("how to run it (all give the same numbers)")
     r.add_argument("--kvcache", choices=STRATEGIES, default=None,
                    help="KV cache: none (recompute everything), inplace (preallocated, "
@@ -120,12 +167,33 @@ def summary(stats: GenerationStats, kvcache: str, fill1: bool, seed: int) -> dic
     }
 
 
+def check_args(args) -> None:
+    """Refuse bad values before the model is even opened."""
+    check_sampling(args.temp, args.topk, args.topp, args.min_p, args.repeat_penalty,
+                   args.frequency_penalty, args.presence_penalty, args.repeat_last_n,
+                   args.mirostat, args.mirostat_tau, args.mirostat_eta)
+    if args.n_tokens < 0:
+        raise LlamanpError(f"-n must be >= 0, got {args.n_tokens}")
+    check_stop_strings(args.stop)
+    if args.max_time is not None and not (math.isfinite(args.max_time) and args.max_time > 0):
+        raise LlamanpError(f"--max-time must be a number of seconds > 0, got {args.max_time}")
+    if args.logprobs < 0:
+        raise LlamanpError(f"--logprobs must be >= 0 (0 = off), got {args.logprobs}")
+    if args.beams is not None:
+        check_beam_args(args.beams, args.n_tokens, args.length_penalty)
+        sampled_only = [flag for flag, on in (
+            ("--you-pick", args.you_pick), ("--sampler-history", args.sampler_history),
+            ("--logprobs", args.logprobs), ("--mirostat", args.mirostat),
+            ("--max-time", args.max_time is not None), ("--fill1", args.fill1)) if on]
+        if sampled_only:
+            raise LlamanpError(f"--beams cannot be combined with {sampled_only[0]} "
+                               "(beam search does not sample); drop one of them")
+
+
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     kvcache = kvcache_choice(args)
-    check_sampling(args.temp, args.topk, args.topp)
-    if args.n_tokens < 0:
-        raise LlamanpError(f"-n must be >= 0, got {args.n_tokens}")
+    check_args(args)
     prompt = read_prompt(args)
     model = open_model(args)
     if args.seqlength is not None and not 0 < args.seqlength <= model.config.max_seq_len:
@@ -134,34 +202,225 @@ def main(argv: Optional[list] = None) -> int:
 
     tok = model.tokenizer
     ids = tok.encode(prompt, bos=tok.bos_id is not None)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    sampler = Sampler(args.temp, args.topk, args.topp, seed)
-    gen = Generation(model, ids, args.n_tokens, sampler, kvcache=kvcache, fill1=args.fill1,
-                     max_seq_len=args.seqlength)
-
-    out = sys.stdout
-    out.write(prompt)
-    out.flush()
-    stream = tok.stream(at_start=False)
-    for token in gen:
-        out.write(stream.push(token))
-        out.flush()
-    out.write(stream.flush() + "\n")
-    out.flush()
-
-    stats = summary(gen.stats, kvcache, args.fill1, seed)
-    print(f"[prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_computed']} computed)"
-          f" | generated {stats['generated_tokens']}"
-          f" | prefill {stats['prefill_tokens_per_second']:.1f} tok/s"
-          f" | decode {stats['decode_tokens_per_second']:.1f} tok/s"
-          f" | peak RSS {stats['peak_rss_mb']:.0f} MB | kvcache {kvcache}"
-          f"{' fill1' if args.fill1 else ''} | seed {seed}]", file=sys.stderr)
+    if args.beams is not None:
+        stats = run_beams(args, model, prompt, ids, kvcache)
+    else:
+        stats = run_sampling(args, model, prompt, ids, kvcache)
     if args.stats_json:
         try:
             Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as e:
             raise LlamanpError(f"cannot write {args.stats_json}: {e.strerror}") from None
     return 0
+
+
+# -- sampling ------------------------------------------------------------------------
+
+def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
+    """Sample, streaming the text to stdout; returns the statistics."""
+    tok = model.tokenizer
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    sampler = Sampler(args.temp, args.topk, args.topp, seed, min_p=args.min_p,
+                      repetition_penalty=args.repeat_penalty,
+                      frequency_penalty=args.frequency_penalty,
+                      presence_penalty=args.presence_penalty, repeat_last_n=args.repeat_last_n,
+                      mirostat=args.mirostat, mirostat_tau=args.mirostat_tau,
+                      mirostat_eta=args.mirostat_eta)
+    chooser = Chooser(tok, prompt, YouPick(tok, sys.stdin, sys.stderr)
+                      if args.you_pick else None)
+    gen = Generation(model, ids, args.n_tokens, sampler, kvcache=kvcache, fill1=args.fill1,
+                     max_seq_len=args.seqlength, stop=args.stop, max_time=args.max_time,
+                     logprobs=args.logprobs,
+                     choose=chooser if (args.you_pick or args.sampler_history) else None)
+    chooser.generation = gen
+    # opened last, so that a refused run leaves no file behind
+    history = chooser.history = open_history(args.sampler_history)
+
+    out = sys.stdout
+    out.write(prompt)
+    out.flush()
+    shown = 0   # gen.text is final as it grows: print what is new
+    try:
+        for _ in gen:
+            out.write(gen.text[shown:])
+            out.flush()
+            shown = len(gen.text)
+    finally:
+        if history is not None:
+            history.close()
+    out.write(gen.text[shown:] + "\n")
+    out.flush()
+
+    stats = summary(gen.stats, kvcache, args.fill1, seed)
+    if gen.stats.stop_string is not None:
+        stats["stop_string"] = gen.stats.stop_string
+    if args.logprobs:
+        print_logprobs(tok, gen.logprobs, sys.stderr)
+        stats["logprobs"] = [logprobs_json(tok, lp) for lp in gen.logprobs]
+    print(f"[prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_computed']} computed)"
+          f" | generated {stats['generated_tokens']}"
+          f" | prefill {stats['prefill_tokens_per_second']:.1f} tok/s"
+          f" | decode {stats['decode_tokens_per_second']:.1f} tok/s"
+          f" | peak RSS {stats['peak_rss_mb']:.0f} MB | kvcache {kvcache}"
+          f"{' fill1' if args.fill1 else ''} | seed {seed}]", file=sys.stderr)
+    return stats
+
+
+def token_text(tok: Tokenizer, id: int) -> str:
+    """The text one token stands for; a piece of a character shows as U+FFFD."""
+    return tok.token_bytes(id).decode("utf-8", errors="replace")
+
+
+def open_history(path: Optional[str]):
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise LlamanpError(f"cannot write {path}: {e.strerror}") from None
+
+
+class Chooser:
+    """The Generation's choose hook: asks --you-pick (if on), records --sampler-history
+    (an open file, if any). `generation` is the Generation it serves."""
+
+    def __init__(self, tok: Tokenizer, prompt: str, you_pick: Optional["YouPick"]):
+        self.tok, self.prompt, self.you_pick = tok, prompt, you_pick
+        self.generation: Optional[Generation] = None
+        self.history = None
+        self.steps = 0
+
+    def __call__(self, step: SamplingStep) -> Optional[int]:
+        self.steps += 1
+        token = step.token
+        if self.you_pick is not None:
+            gen = self.generation
+            token = self.you_pick.ask(step, self.steps, self.prompt + gen.text, gen.stop_ids)
+        if self.history is not None:
+            self.record(step, token)
+        return token
+
+    def record(self, step: SamplingStep, token: Optional[int]) -> None:
+        model_p = softmax(step.logits.astype(np.float64))
+        entry = {
+            "step": self.steps,
+            "candidates": [{"id": i, "text": token_text(self.tok, i), "p": float(model_p[i]),
+                            "p_sampler": float(step.probs[i])}
+                           for i in step.top(HISTORY_CANDIDATES)],
+            "sampler_pick": step.token,
+            "chosen": token,
+            "chosen_text": None if token is None else token_text(self.tok, token),
+            "chosen_by": "sampler" if token == step.token else "user",
+        }
+        self.history.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.history.flush()
+
+
+class YouPick:
+    """--you-pick: show the top candidates, numbered, and read the user's choice.
+
+    Enter takes the sampler's pick, a number takes that candidate, q stops.
+    When the input ends (e.g. a pipe runs dry) the sampler picks the rest.
+    """
+
+    def __init__(self, tok: Tokenizer, inp, err, n: int = YOU_PICK_CHOICES):
+        self.tok, self.inp, self.err, self.n = tok, inp, err, n
+        self.input_ended = False
+
+    def ask(self, step: SamplingStep, number: int, text: str, stop_ids) -> Optional[int]:
+        if self.input_ended:
+            return step.token
+        top = step.top(self.n)
+        self.show(step, number, text, top, stop_ids)
+        while True:
+            line = self.inp.readline()
+            if line == "":
+                self.input_ended = True
+                self.err.write("\n(end of input: the sampler picks the rest)\n")
+                return step.token
+            answer = line.strip().lower()
+            if answer == "":
+                return step.token
+            if answer in ("q", "quit"):
+                return None
+            if answer.isdigit() and 1 <= int(answer) <= len(top):
+                return top[int(answer) - 1]
+            self.err.write(f"type 1..{len(top)}, Enter for the sampler's pick, or q to stop: ")
+            self.err.flush()
+
+    def show(self, step: SamplingStep, number: int, text: str, top: list, stop_ids) -> None:
+        model_p = softmax(step.logits.astype(np.float64))
+        tail = text[-60:].replace("\n", "\\n")
+        lines = ["", f"step {number}: ...{tail}",
+                 f"      {'token':<18} {'model':>7} {'sampler':>8}"]
+        rows = [(f"{k:>3}.", i) for k, i in enumerate(top, 1)]
+        if step.token not in top:
+            rows.append(("  *.", step.token))
+        for label, i in rows:
+            shown = repr(token_text(self.tok, i)) + (" (end)" if i in stop_ids else "")
+            mark = "  <- sampler's pick" if i == step.token else ""
+            lines.append(f"  {label} {shown:<18} {model_p[i]:>7.2%} {step.probs[i]:>8.2%}{mark}")
+        lines.append("choice [Enter = sampler's pick, 1-{}, q = stop]: ".format(len(top)))
+        self.err.write("\n".join(lines))
+        self.err.flush()
+
+
+def logprobs_json(tok: Tokenizer, lp: TokenLogprobs) -> dict:
+    return {"id": lp.token, "text": token_text(tok, lp.token), "logprob": lp.logprob,
+            "top": [{"id": i, "text": token_text(tok, i), "logprob": v} for i, v in lp.top]}
+
+
+def print_logprobs(tok: Tokenizer, logprobs: list, err) -> None:
+    """One line per generated token: its log-probability, then the alternatives."""
+    err.write("logprobs (the model's, before penalties and temperature):\n")
+    for n, lp in enumerate(logprobs, 1):
+        alternatives = "  ".join(f"{token_text(tok, i)!r} {v:.3f}" for i, v in lp.top)
+        err.write(f"{n:>4} {token_text(tok, lp.token)!r:<16} {lp.logprob:>8.3f}  | "
+                  f"{alternatives}\n")
+
+
+# -- beam search ---------------------------------------------------------------------
+
+def run_beams(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
+    """Print the best beam's text; list every beam on stderr; returns the statistics."""
+    tok = model.tokenizer
+    stop_ids = frozenset(tok.stop_ids)
+    t0 = time.perf_counter()
+    found = beam_search(model, ids, args.beams, args.n_tokens, args.length_penalty,
+                        stop_ids=stop_ids, kvcache=kvcache, max_seq_len=args.seqlength)
+    seconds = time.perf_counter() - t0
+    texts = [beam_text(tok, b, stop_ids, args.stop) for b in found]
+    sys.stdout.write(prompt + texts[0] + "\n")
+    sys.stdout.flush()
+    for n, (b, text) in enumerate(zip(found, texts), 1):
+        score = beam_score(b.logprob, len(b.ids), args.length_penalty)
+        print(f"beam {n}: logprob {b.logprob:.3f} score {score:.3f} | {text!r}",
+              file=sys.stderr)
+    best = found[0]
+    ended = "eos" if best.ids and best.ids[-1] in stop_ids else "length"
+    print(f"[prompt {len(ids)} tokens | {args.beams} beams | generated "
+          f"{len(beam_tokens(best, stop_ids))} | {seconds:.2f} s | peak RSS "
+          f"{peak_rss_mb():.0f} MB | kvcache {kvcache}]", file=sys.stderr)
+    return {"prompt_tokens": len(ids), "generated_tokens": len(beam_tokens(best, stop_ids)),
+            "seconds": round(seconds, 6), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "stop_reason": ended, "kvcache": kvcache, "beams": args.beams,
+            "length_penalty": args.length_penalty,
+            "hypotheses": [{"ids": b.ids, "text": t, "logprob": b.logprob,
+                            "score": beam_score(b.logprob, len(b.ids), args.length_penalty)}
+                           for b, t in zip(found, texts)]}
+
+
+def beam_tokens(beam: Beam, stop_ids) -> list:
+    """A beam's ids without its final stop id."""
+    return beam.ids[:-1] if beam.ids and beam.ids[-1] in stop_ids else beam.ids
+
+
+def beam_text(tok: Tokenizer, beam: Beam, stop_ids, stops: list) -> str:
+    """The text a beam continues the prompt with, cut before the first stop string."""
+    stream = tok.stream(at_start=False)
+    text = "".join(stream.push(i) for i in beam_tokens(beam, stop_ids)) + stream.flush()
+    cuts = [i for s in stops if (i := text.find(s)) >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 def run(argv: Optional[list] = None) -> int:

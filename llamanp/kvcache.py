@@ -17,6 +17,8 @@ layout the attention matmul wants.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from .config import Config
@@ -53,6 +55,10 @@ class KVCache:
         """Forget every position from n on."""
         self.length = min(self.length, n)
 
+    def copy(self) -> "KVCache":
+        """An independent cache holding the same positions (for forking a sequence)."""
+        return copy.copy(self)   # right for NoCache, which holds nothing
+
 
 class NoCache(KVCache):
     """Remembers nothing: the caller re-runs the whole sequence every step."""
@@ -87,6 +93,14 @@ class InplaceCache(KVCache):
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
+    def copy(self):
+        twin = copy.copy(self)
+        # fresh buffers; only the filled positions are worth copying
+        twin.k, twin.v = np.empty_like(self.k), np.empty_like(self.v)
+        twin.k[:, :, :self.length] = self.k[:, :, :self.length]
+        twin.v[:, :, :self.length] = self.v[:, :, :self.length]
+        return twin
+
 
 class ConcatCache(KVCache):
     """Arrays grown by concatenation, one pair per layer."""
@@ -114,6 +128,13 @@ class ConcatCache(KVCache):
         self.k[layer] = np.concatenate([self.k[layer][:, :self.length], k], axis=1)
         self.v[layer] = np.concatenate([self.v[layer][:, :self.length], v], axis=1)
         return self.k[layer], self.v[layer]
+
+    def copy(self):
+        # the arrays are never written in place (update makes new ones), so
+        # sharing them is safe; only the lists must be separate
+        twin = copy.copy(self)
+        twin.k, twin.v = list(self.k), list(self.v)
+        return twin
 
 
 def make_cache(strategy: str, config: Config, max_seq_len: int) -> KVCache:

@@ -227,6 +227,13 @@ class Session:
         self.tokens.clear()
         self.cache.reset()
 
+    def fork(self) -> "Session":
+        """An independent copy of this state (tokens and cache): the two can
+        then be fed different continuations, as beam search does."""
+        twin = object.__new__(type(self))
+        twin.__dict__ = dict(vars(self), tokens=list(self.tokens), cache=self.cache.copy())
+        return twin
+
     def feed(self, ids, fill1: bool = False, all_logits: bool = False) -> np.ndarray:
         """Append `ids` and return the logits of the last one ([vocab]), or of
         all of them ([len(ids), vocab]) with all_logits.
