@@ -207,6 +207,13 @@ class Model:
         return self.session(kvcache, max_seq_len=max(len(ids), 1)).feed(
             ids, fill1=fill1, all_logits=True)
 
+    def chat_prompt(self, messages, add_generation_prompt: bool = True,
+                    template=None) -> list:
+        """Token ids of a conversation ([{"role", "content"}, ...]) in this
+        model's chat template, or in `template` (a name); see llamanp.chat."""
+        from . import chat  # chat depends on nothing here; imported on use
+        return chat.render(self, messages, template, add_generation_prompt)
+
 
 class Session:
     """The run state of one sequence: its tokens so far and its KV cache."""
