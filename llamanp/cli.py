@@ -18,6 +18,7 @@ import numpy as np
 
 from .beam import Beam, beam_score, beam_search, check_beam_args
 from .cliutil import ArgumentParser, run_main
+from .console import add_chat_arguments, run_chat_from_args
 from .errors import LlamanpError
 from .generate import Generation, GenerationStats, TokenLogprobs, check_stop_strings
 from .kvcache import STRATEGIES
@@ -25,6 +26,7 @@ from .model import Model, load
 from .sampling import Sampler, SamplingStep, check_sampling, softmax
 from .tokenizer import Tokenizer, load_tokenizer
 
+DEFAULT_N_TOKENS = 256   # -n when completing text (a chat answer runs to its end of turn)
 YOU_PICK_CHOICES = 10     # candidates shown by --you-pick
 HISTORY_CANDIDATES = 10   # candidates recorded per step by --sampler-history
 
@@ -34,13 +36,13 @@ def build_parser() -> ArgumentParser:
                        description="Generate text with a Llama-family model (.lmw) in NumPy.")
     p.add_argument("-w", "--weights", required=True, metavar="MODEL.lmw",
                    help="model file written by convert.py")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("-i", "--prompt", help="the prompt text")
     src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("-t", "--tokenizer", metavar="PATH",
                    help="tokenizer file (SentencePiece .model or tiktoken); "
                         "overrides the one embedded in the model")
-    p.add_argument("-n", "--n-tokens", type=int, default=256, metavar="N",
+    p.add_argument("-n", "--n-tokens", type=int, default=None, metavar="N",
                    help="generate at most N tokens (default 256)")
     p.add_argument("--seqlength", type=int, metavar="L",
                    help="context length for this run (default: the model's max_seq_len)")
@@ -101,7 +103,9 @@ def build_parser() -> ArgumentParser:
                    help="same as --kvcache inplace")
     r.add_argument("--fill1", action="store_true",
                    help="prefill the prompt one token at a time instead of one batch")
-    p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE")
+    p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE "
+                   "(with --chat: one JSON line per turn)")
+    add_chat_arguments(p)
     return p
 
 
@@ -172,8 +176,8 @@ def check_args(args) -> None:
     check_sampling(args.temp, args.topk, args.topp, args.min_p, args.repeat_penalty,
                    args.frequency_penalty, args.presence_penalty, args.repeat_last_n,
                    args.mirostat, args.mirostat_tau, args.mirostat_eta)
-    if args.n_tokens < 0:
-        raise LlamanpError(f"-n must be >= 0, got {args.n_tokens}")
+    if args.n_tokens is not None and args.n_tokens < (1 if args.chat else 0):
+        raise LlamanpError(f"-n must be >= {1 if args.chat else 0}, got {args.n_tokens}")
     check_stop_strings(args.stop)
     if args.max_time is not None and not (math.isfinite(args.max_time) and args.max_time > 0):
         raise LlamanpError(f"--max-time must be a number of seconds > 0, got {args.max_time}")
@@ -194,11 +198,20 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     kvcache = kvcache_choice(args)
     check_args(args)
+    if args.chat:
+        refuse_with_chat(args)
+        model = open_model(args)
+        check_seqlength(args, model)
+        seed = args.seed if args.seed is not None else random.randrange(2**31)
+        return run_chat_from_args(model, args, lambda: make_sampler(args, seed),
+                                  kvcache=kvcache, max_new_tokens=args.n_tokens)
+    if args.prompt is None and args.file is None:
+        raise LlamanpError("give a prompt with -i TEXT or -f FILE, or talk with --chat")
+    if args.n_tokens is None:
+        args.n_tokens = DEFAULT_N_TOKENS
     prompt = read_prompt(args)
     model = open_model(args)
-    if args.seqlength is not None and not 0 < args.seqlength <= model.config.max_seq_len:
-        raise LlamanpError(f"--seqlength {args.seqlength} is outside 1..{model.config.max_seq_len}"
-                           " (the model's max_seq_len)")
+    check_seqlength(args, model)
 
     tok = model.tokenizer
     ids = tok.encode(prompt, bos=tok.bos_id is not None)
@@ -214,18 +227,41 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
+def check_seqlength(args, model: Model) -> None:
+    if args.seqlength is not None and not 0 < args.seqlength <= model.config.max_seq_len:
+        raise LlamanpError(f"--seqlength {args.seqlength} is outside 1..{model.config.max_seq_len}"
+                           " (the model's max_seq_len)")
+
+
+def refuse_with_chat(args) -> None:
+    """Flags that make no sense in an interactive conversation."""
+    if args.prompt is not None or args.file is not None:
+        raise LlamanpError("--chat reads its messages from the console; drop -i / -f "
+                           "(pipe messages into stdin to script it)")
+    for flag, value in (("--beams", args.beams), ("--you-pick", args.you_pick),
+                        ("--logprobs", args.logprobs), ("--max-time", args.max_time),
+                        ("--sampler-history", args.sampler_history), ("--stop", args.stop),
+                        ("--fill1", args.fill1)):
+        if value:
+            raise LlamanpError(f"{flag} cannot be used with --chat")
+
+
 # -- sampling ------------------------------------------------------------------------
+
+def make_sampler(args, seed: int) -> Sampler:
+    return Sampler(args.temp, args.topk, args.topp, seed, min_p=args.min_p,
+                   repetition_penalty=args.repeat_penalty,
+                   frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty, repeat_last_n=args.repeat_last_n,
+                   mirostat=args.mirostat, mirostat_tau=args.mirostat_tau,
+                   mirostat_eta=args.mirostat_eta)
+
 
 def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
     """Sample, streaming the text to stdout; returns the statistics."""
     tok = model.tokenizer
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    sampler = Sampler(args.temp, args.topk, args.topp, seed, min_p=args.min_p,
-                      repetition_penalty=args.repeat_penalty,
-                      frequency_penalty=args.frequency_penalty,
-                      presence_penalty=args.presence_penalty, repeat_last_n=args.repeat_last_n,
-                      mirostat=args.mirostat, mirostat_tau=args.mirostat_tau,
-                      mirostat_eta=args.mirostat_eta)
+    sampler = make_sampler(args, seed)
     chooser = Chooser(tok, prompt, YouPick(tok, sys.stdin, sys.stderr)
                       if args.you_pick else None)
     gen = Generation(model, ids, args.n_tokens, sampler, kvcache=kvcache, fill1=args.fill1,

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -70,9 +69,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .chat import TEMPLATE_NAMES, ChatTemplate, check_messages, choose_template
-from .cliutil import ArgumentParser, run_main
+from .cliutil import run_main
 from .errors import LlamanpError
-from .kvcache import STRATEGIES
 
 CONTEXT_POLICIES = ("stop", "drop-oldest")
 DEFAULT_CONTEXT_POLICY = "stop"
@@ -612,45 +610,10 @@ def run_chat_from_args(model, args, sampler_factory: Callable, kvcache: str = "i
                     context_policy=args.context_policy, max_new_tokens=max_new_tokens)
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m llamanp.console",
-                       description="Chat with a Llama-family chat model (.lmw) in NumPy.")
-    p.add_argument("-w", "--weights", required=True, metavar="MODEL.lmw",
-                   help="model file written by convert.py")
-    p.add_argument("-t", "--tokenizer", metavar="PATH",
-                   help="tokenizer file; overrides the one embedded in the model")
-    p.add_argument("-n", "--n-tokens", type=int, metavar="N",
-                   help="at most N tokens per answer (default: until the end of the turn)")
-    p.add_argument("--seqlength", type=int, metavar="L",
-                   help="context length (default: the model's max_seq_len)")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy "
-                   "(default 0.8)")
-    g.add_argument("--topk", type=int, default=40, help="top-k; 0 = off (default 40)")
-    g.add_argument("--topp", type=float, default=0.95, help="top-p; 1 = off (default 0.95)")
-    g.add_argument("--seed", type=int, help="random seed (default: random)")
-    p.add_argument("--kvcache", choices=STRATEGIES, default="inplace",
-                   help="KV cache strategy (default inplace)")
-    p.add_argument("--stats-json", metavar="FILE",
-                   help="write per-turn statistics to FILE (JSON Lines)")
-    add_chat_arguments(p)
-    return p
-
-
 def main(argv: Optional[list] = None) -> int:
-    from .model import load
-    from .sampling import Sampler, check_sampling
-    from .tokenizer import load_tokenizer
-
-    args = build_parser().parse_args(argv)
-    check_sampling(args.temp, args.topk, args.topp)
-    if args.n_tokens is not None and args.n_tokens < 1:
-        raise LlamanpError(f"-n must be >= 1, got {args.n_tokens}")
-    model = load(args.weights, tokenizer=load_tokenizer(args.tokenizer)
-                 if args.tokenizer else None)
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    return run_chat_from_args(model, args, lambda: Sampler(args.temp, args.topk, args.topp, seed),
-                              kvcache=args.kvcache, max_new_tokens=args.n_tokens)
+    """`python -m llamanp.console ARGS` is `llama-np.py --chat ARGS`."""
+    from .cli import main as cli_main
+    return cli_main(["--chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
