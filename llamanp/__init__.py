@@ -6,6 +6,7 @@
     print(m.tokenizer.decode(list(llamanp.generate(m, ids, 32))))
 """
 
+from .batch import BatchResult, generate_batch
 from .beam import Beam, beam_search
 from .config import Config, RopeScaling
 from .errors import LlamanpError
@@ -16,6 +17,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["Beam", "beam_search", "Config", "RopeScaling", "LlamanpError", "Generation",
-           "generate", "Model", "Session", "load", "Sampler", "Tokenizer", "load_tokenizer",
-           "__version__"]
+__all__ = ["BatchResult", "Beam", "Config", "Generation", "LlamanpError", "Model",
+           "RopeScaling", "Sampler", "Session", "Tokenizer", "__version__", "beam_search",
+           "generate", "generate_batch", "load", "load_tokenizer"]

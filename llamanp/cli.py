@@ -103,6 +103,9 @@ def build_parser() -> ArgumentParser:
                    help="same as --kvcache inplace")
     r.add_argument("--fill1", action="store_true",
                    help="prefill the prompt one token at a time instead of one batch")
+    r.add_argument("--batch", action="store_true",
+                   help="with -f: one prompt per line, all generated together in one batch "
+                        "(one forward pass per step for all of them)")
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE "
                    "(with --chat: one JSON line per turn)")
     add_chat_arguments(p)
@@ -209,6 +212,8 @@ def main(argv: Optional[list] = None) -> int:
         raise LlamanpError("give a prompt with -i TEXT or -f FILE, or talk with --chat")
     if args.n_tokens is None:
         args.n_tokens = DEFAULT_N_TOKENS
+    if args.batch:
+        return run_batch(args, kvcache)
     prompt = read_prompt(args)
     model = open_model(args)
     check_seqlength(args, model)
@@ -219,12 +224,16 @@ def main(argv: Optional[list] = None) -> int:
         stats = run_beams(args, model, prompt, ids, kvcache)
     else:
         stats = run_sampling(args, model, prompt, ids, kvcache)
+    write_stats(args, stats)
+    return 0
+
+
+def write_stats(args, stats: dict) -> None:
     if args.stats_json:
         try:
             Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as e:
             raise LlamanpError(f"cannot write {args.stats_json}: {e.strerror}") from None
-    return 0
 
 
 def check_seqlength(args, model: Model) -> None:
@@ -244,6 +253,53 @@ def refuse_with_chat(args) -> None:
                         ("--fill1", args.fill1)):
         if value:
             raise LlamanpError(f"{flag} cannot be used with --chat")
+
+
+# -- batched prompts -----------------------------------------------------------------
+
+def run_batch(args, kvcache: str) -> int:
+    """-f FILE --batch: every non-empty line is a prompt; all run in one batch."""
+    if args.file is None:
+        raise LlamanpError("--batch reads one prompt per line from -f FILE")
+    for flag, value in (("--beams", args.beams), ("--you-pick", args.you_pick),
+                        ("--logprobs", args.logprobs), ("--max-time", args.max_time),
+                        ("--sampler-history", args.sampler_history), ("--stop", args.stop),
+                        ("--fill1", args.fill1), ("--mirostat", args.mirostat)):
+        if value:
+            raise LlamanpError(f"{flag} cannot be used with --batch")
+    prompts = [line for line in read_prompt(args).splitlines() if line.strip()]
+    if not prompts:
+        raise LlamanpError(f"{args.file} has no prompts (one per line)")
+    model = open_model(args)
+    check_seqlength(args, model)
+    tok = model.tokenizer
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    from .batch import generate_batch
+    results = generate_batch(
+        model, [tok.encode(p, bos=tok.bos_id is not None) for p in prompts], args.n_tokens,
+        kvcache=kvcache, max_seq_len=args.seqlength, seed=seed, temperature=args.temp,
+        top_k=args.topk, top_p=args.topp, min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty, repeat_last_n=args.repeat_last_n)
+    for i, (prompt, ids) in enumerate(zip(prompts, results)):
+        stream = tok.stream(at_start=False)
+        text = "".join(stream.push(t) for t in ids) + stream.flush()
+        sys.stdout.write(("\n" if i else "") + prompt + text + "\n")
+    sys.stdout.flush()
+    st = results.stats
+    stats = {"prompts": st.prompts, "prompt_tokens": st.prompt_tokens,
+             "generated_tokens": st.generated_tokens, "steps": st.steps,
+             "prefill_seconds": round(st.prefill_seconds, 6),
+             "decode_seconds": round(st.decode_seconds, 6),
+             "prefill_tokens_per_second": round(st.prefill_tps, 3),
+             "decode_tokens_per_second": round(st.decode_tps, 3),
+             "peak_rss_mb": round(peak_rss_mb(), 1), "kvcache": kvcache, "seed": seed}
+    print(f"[batch of {st.prompts} prompts | prompt {st.prompt_tokens} tokens | generated "
+          f"{st.generated_tokens} in {st.steps} steps | prefill {st.prefill_tps:.1f} tok/s"
+          f" | decode {st.decode_tps:.1f} tok/s (all sequences) | peak RSS "
+          f"{stats['peak_rss_mb']:.0f} MB | seed {seed}]", file=sys.stderr)
+    write_stats(args, stats)
+    return 0
 
 
 # -- sampling ------------------------------------------------------------------------

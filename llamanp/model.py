@@ -81,12 +81,20 @@ class RopeTable:
     def get(self, start: int, n: int):
         """cos, sin for positions start..start+n-1, each [n, 1, head_dim/2]."""
         end = start + n
+        self._grow(end)
+        return self.cos[start:end, None, :], self.sin[start:end, None, :]
+
+    def at(self, positions: np.ndarray):
+        """cos, sin for arbitrary positions, each [len(positions), 1, head_dim/2]."""
+        self._grow(int(positions.max()) + 1)
+        return self.cos[positions, None, :], self.sin[positions, None, :]
+
+    def _grow(self, end: int) -> None:
         if end > len(self.cos):
             size = min(max(end, 2 * len(self.cos), 256), max(self.limit, end))
             angles = np.outer(np.arange(size, dtype=np.float64), self.freqs)
             self.cos = np.cos(angles).astype(np.float32)
             self.sin = np.sin(angles).astype(np.float32)
-        return self.cos[start:end, None, :], self.sin[start:end, None, :]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -139,6 +147,15 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
 # --- weights ------------------------------------------------------------------------
 
 @dataclass
+class Segment:
+    """One sequence's share of a ragged batch: n new tokens, at positions
+    start..start+n-1, whose keys and values go into `cache`."""
+    cache: KVCache
+    start: int
+    n: int
+
+
+@dataclass
 class Layer:
     attention_norm: np.ndarray  # [dim]
     wqkv_t: np.ndarray          # [dim, q_dim + 2 kv_dim]  (transposed view, no copy)
@@ -177,26 +194,59 @@ class Model:
         Keys and values go into `cache`; returns the logits of the last
         `n_logits` positions, float32 [n_logits, vocab].
         """
+        return self.forward_batch(tokens, [Segment(cache, start, len(tokens))], n_logits)
+
+    def forward_batch(self, tokens, segments: list["Segment"], n_logits: int = 1) -> np.ndarray:
+        """A ragged batch: several sequences' new tokens, concatenated.
+
+        Segment j owns the next segments[j].n tokens. Everything but attention
+        is row-wise, so all rows share each weight matrix product (one read of
+        the weights for the whole batch); attention runs per segment, against
+        that sequence's own cache. Returns the logits of the last `n_logits`
+        positions of every segment, stacked in segment order.
+        """
         cfg = self.config
         T = len(tokens)
         H, eps = cfg.hidden_dim, cfg.norm_eps
-        q_end, k_end = cfg.q_dim, cfg.q_dim + cfg.kv_dim
-        cos, sin = self.rope.get(start, T)
+        n_qk, k_end = cfg.n_heads + cfg.n_kv_heads, cfg.q_dim + cfg.kv_dim
+        if len(segments) == 1:
+            cos, sin = self.rope.get(segments[0].start, T)
+        else:
+            cos, sin = self.rope.at(np.concatenate(
+                [np.arange(s.start, s.start + s.n) for s in segments]))
 
         x = self.tok_embeddings[np.asarray(tokens, dtype=np.intp)]   # [T, dim], a copy
         for i, layer in enumerate(self.layers):
-            # attention block
+            # attention block: q and k are rotated together, in one call
             qkv = rmsnorm(x, layer.attention_norm, eps) @ layer.wqkv_t
-            q = apply_rope(qkv[:, :q_end].reshape(T, cfg.n_heads, cfg.head_dim), cos, sin)
-            k = apply_rope(qkv[:, q_end:k_end].reshape(T, cfg.n_kv_heads, cfg.head_dim), cos, sin)
+            qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), cos, sin)
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
-            keys, values = cache.update(i, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
-            x += attention(q, keys, values, start) @ layer.wo_t
+            x += self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
+                              segments) @ layer.wo_t
             # feed-forward block (SwiGLU)
             gate_up = rmsnorm(x, layer.ffn_norm, eps) @ layer.w13_t
             x += (silu(gate_up[:, :H]) * gate_up[:, H:]) @ layer.w2_t
-        cache.advance(T)
-        return rmsnorm(x[T - n_logits:], self.norm, eps) @ self.output_t
+        for s in segments:
+            s.cache.advance(s.n)
+        ends = np.cumsum([s.n for s in segments])
+        rows = x[T - n_logits:] if len(segments) == 1 else \
+            x[np.concatenate([np.arange(e - n_logits, e) for e in ends])]
+        return rmsnorm(rows, self.norm, eps) @ self.output_t
+
+    @staticmethod
+    def _attend(layer: int, q, k, v, segments) -> np.ndarray:
+        """Store each segment's keys/values in its cache and attend over them."""
+        def one(s, q, k, v):
+            keys, values = s.cache.update(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            return attention(q, keys, values, s.start)
+        if len(segments) == 1:
+            return one(segments[0], q, k, v)
+        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
+        row = 0
+        for s in segments:
+            out[row:row + s.n] = one(s, q[row:row + s.n], k[row:row + s.n], v[row:row + s.n])
+            row += s.n
+        return out
 
     # -- conveniences ---------------------------------------------------------------
     def session(self, kvcache: str = "inplace", max_seq_len: Optional[int] = None) -> "Session":
@@ -247,6 +297,13 @@ class Session:
 
         fill1 runs them one at a time, as decoding does, instead of one batch.
         """
+        ids = self.check(ids)
+        chunks = [[i] for i in ids] if fill1 else [ids]
+        outs = [self._run(chunk, all_logits) for chunk in chunks]
+        return np.concatenate(outs) if all_logits else outs[-1][-1]
+
+    def check(self, ids) -> list[int]:
+        """`ids` as ints, if they are valid tokens that fit in the context."""
         ids = [int(i) for i in ids]
         if not ids:
             raise LlamanpError("nothing to feed: the token list is empty")
@@ -257,9 +314,7 @@ class Session:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise LlamanpError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        chunks = [[i] for i in ids] if fill1 else [ids]
-        outs = [self._run(chunk, all_logits) for chunk in chunks]
-        return np.concatenate(outs) if all_logits else outs[-1][-1]
+        return ids
 
     def _run(self, chunk: list[int], all_logits: bool) -> np.ndarray:
         n_out = len(chunk) if all_logits else 1
@@ -269,6 +324,19 @@ class Session:
             return self.model.forward(self.tokens, 0, self.cache, n_out)
         self.computed += len(chunk)
         return self.model.forward(chunk, self.cache.length, self.cache, n_out)
+
+
+def feed_batch(sessions: list[Session], chunks: list) -> np.ndarray:
+    """Feed sessions[j] the ids chunks[j], all in one ragged forward pass;
+    returns the logits of each chunk's last token, [len(sessions), vocab]."""
+    if any(s.cache.recompute for s in sessions):
+        raise LlamanpError("batched generation needs a KV cache; use --kvcache inplace or concat")
+    chunks = [s.check(ids) for s, ids in zip(sessions, chunks)]
+    segments = [Segment(s.cache, s.cache.length, len(ids)) for s, ids in zip(sessions, chunks)]
+    for s, ids in zip(sessions, chunks):
+        s.tokens.extend(ids)
+        s.computed += len(ids)
+    return sessions[0].model.forward_batch([t for ids in chunks for t in ids], segments)
 
 
 def load(path, tokenizer=None) -> Model:
