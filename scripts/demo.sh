@@ -12,4 +12,6 @@ prompt=${1:-"What is the capital of France?"}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"
 model=$(.venv/bin/python -m llamanp.fetch smollm2)
 echo "model: $model" >&2
-.venv/bin/python llama-np.py -w "$model" -i "$prompt" -n 96 --temp 0
+echo "> $prompt"
+# one chat turn in the model's own template (ChatML), greedy
+printf '%s\n' "$prompt" | .venv/bin/python llama-np.py -w "$model" --chat --temp 0 -n 200

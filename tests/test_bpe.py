@@ -31,7 +31,6 @@ from llamanp.errors import LlamanpError
 from llamanp.tokenizer import Tokenizer, TokenizerData
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SMOLLM2_GGUF = Path("/root/.cache/llamanp/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Meta's Llama 3 split regex and GPT-2's, written out here so the references do
 # not share llamanp's copies.
@@ -384,10 +383,8 @@ def _read_gguf_meta(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2_GGUF.exists():
-        pytest.skip(f"{SMOLLM2_GGUF} is absent (the SmolLM2-135M-Instruct GGUF is not cached)")
-    meta = _read_gguf_meta(SMOLLM2_GGUF)
+def smollm2(smollm2_gguf):
+    meta = _read_gguf_meta(smollm2_gguf)
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     # The reference: `tokenizers` with SmolLM2's documented pre-tokenizer and decoder.
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
@@ -439,14 +436,14 @@ def test_smollm2_gguf_matches_tokenizers(smollm2):
     assert tok.encode("!\x04!") == ref.encode("!\x04!") == tok.encode("!!")
 
 
-def test_smollm2_against_transformers_gguf_loading(smollm2, tmp_path):
+def test_smollm2_against_transformers_gguf_loading(smollm2, smollm2_gguf, tmp_path):
     """transformers reads the same GGUF with GPT-2's pre-tokenizer, not SmolLM's:
     it ignores tokenizer.ggml.pre. The two agree except where splitting digits
     off first changes how whitespace before a digit is grouped."""
     transformers = pytest.importorskip("transformers")
     meta, td, ref, _ = smollm2
-    (tmp_path / SMOLLM2_GGUF.name).symlink_to(SMOLLM2_GGUF)
-    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=SMOLLM2_GGUF.name)
+    (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=smollm2_gguf.name)
     tok = Tokenizer.from_data(td)
     agree = differ = 0
     for text in _smollm2_texts():

@@ -46,7 +46,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 LLAMA2_TOKENIZER = SHARED / "llama2-tokenizer.model"
 LLAMA3_TOKENIZER = SHARED / "llama3-tokenizer.model"
-SMOLLM2_GGUF = Path.home() / ".cache" / "llamanp" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # -- reference templates (Jinja, as Hugging Face stores them) ------------------------
 
@@ -254,16 +253,14 @@ def assert_logits_close(got, want):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     """SmolLM2's real tokenizer (as a transformers tokenizer) and chat template."""
-    if not SMOLLM2_GGUF.exists():
-        pytest.skip(f"{SMOLLM2_GGUF} is absent (run llamanp.fetch to download SmolLM2)")
     gguf = pytest.importorskip("gguf")
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from transformers import PreTrainedTokenizerFast
 
-    reader = gguf.GGUFReader(str(SMOLLM2_GGUF))
+    reader = gguf.GGUFReader(str(smollm2_gguf))
 
     def values(key):
         f = reader.fields[key]

@@ -42,7 +42,6 @@ from llamanp.errors import LlamanpError
 
 Q = gguf.GGMLQuantizationType
 
-SMOLLM2 = Path("~/.cache/llamanp/models/SmolLM2-135M-Instruct.Q4_1.gguf").expanduser()
 
 
 # ---------------------------------------------------------------------------
@@ -713,17 +712,14 @@ class Smol:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory) -> Smol:
-    if not SMOLLM2.exists():
-        pytest.skip(f"{SMOLLM2} is absent: the real-model GGUF test needs "
-                    "SmolLM2-135M-Instruct.Q4_1.gguf there")
+def smol(tmp_path_factory, smollm2_gguf) -> Smol:
     out = tmp_path_factory.mktemp("smollm2") / "smollm2.lmw"
     # the conversion (real command line) runs while transformers works
-    proc = subprocess.Popen([sys.executable, str(REPO / "convert.py"), str(SMOLLM2), str(out)],
+    proc = subprocess.Popen([sys.executable, str(REPO / "convert.py"), str(smollm2_gguf), str(out)],
                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        reference = transformers_from_gguf(SMOLLM2)
+        reference = transformers_from_gguf(smollm2_gguf)
         references = {name: hf_prompt_and_greedy(reference, ids, SMOL_GEN)
                       for name, ids in SMOL_PROMPTS.items()}
     finally:
