@@ -32,19 +32,45 @@ from .tokenizer import Tokenizer
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True) * np.float32(1 / x.shape[-1])
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
 
 
-def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x). exp may overflow to inf for very negative x: x/inf = -0, fine."""
+def linear(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
+    """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in].
+
+    One row (decoding) is a matrix-vector product on W itself: BLAS's gemv
+    streams the weights faster than a one-row gemm does, and streaming the
+    weights is all that decoding one token costs.
+    """
+    if x.shape[0] == 1:
+        return (w_t.T @ x[0])[None]
+    return x @ w_t
+
+
+def swiglu(gate_up: np.ndarray, hidden: int) -> np.ndarray:
+    """silu(gate) * up, where gate_up = [gate | up] along the last axis.
+
+    silu(g) = g * sigmoid(g) = g / (1 + exp(-g)). Computed in one scratch
+    array: at prefill sizes fresh temporaries cost more than the arithmetic.
+    exp may overflow to inf for very negative g; g/inf = -0 is the right limit.
+    """
+    gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
+    out = np.negative(gate)
     with np.errstate(over="ignore"):
-        return x / (1.0 + np.exp(-x))
+        np.exp(out, out=out)
+    out += 1
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax_(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place (x is overwritten and returned)."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
 
 
 def rope_frequencies(head_dim: int, theta: float,
@@ -111,37 +137,42 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def causal_mask(start: int, n_new: int, n_total: int) -> Optional[np.ndarray]:
-    """Additive mask: query at position start+t sees keys 0..start+t only."""
-    if n_new == 1:
-        return None  # a single newest token sees everything in the cache
-    q_pos = np.arange(start, start + n_new)[:, None]
-    k_pos = np.arange(n_total)[None, :]
-    return np.where(k_pos <= q_pos, np.float32(0), np.float32(-np.inf))
+#: queries per block in causal attention: a block only looks at the keys up to
+#: its own last position, which skips most of the masked-out upper triangle
+#: and keeps the score matrices cache-sized
+ATTENTION_BLOCK = 128
+
+
+def causal_mask(q_start: int, n_q: int, n_keys: int) -> np.ndarray:
+    """Additive mask [n_q, n_keys]: query at position q_start+t sees keys 0..q_start+t."""
+    q_pos = np.arange(q_start, q_start + n_q)[:, None]
+    return np.where(np.arange(n_keys)[None, :] <= q_pos, np.float32(0), np.float32(-np.inf))
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
-    """Grouped-query causal attention.
+    """Grouped-query causal attention: softmax(q k^T / sqrt(hd)) v.
 
-    q: [T, n_heads, hd]; keys/values: [n_kv, S, hd] (S = start + T).
-    Query head h uses kv head h // group, as Meta's repeat_kv does; grouping
-    the queries instead of repeating the keys keeps it one batched matmul
-    without copying the cache.
+    q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
+    [n_kv, start+T, hd]. Query head h uses kv head h // group, as Meta's
+    repeat_kv does; grouping the queries instead of repeating the keys keeps it
+    one batched matmul per block, without copying the cache.
     """
     T, n_heads, hd = q.shape
-    n_kv, S, _ = keys.shape
+    n_kv = keys.shape[0]
     group = n_heads // n_kv
-    # [T, n_kv, group, hd] -> [n_kv, group*T, hd]
-    qg = q.reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * T, hd)
-    scores = qg @ keys.transpose(0, 2, 1)                       # [n_kv, group*T, S]
-    scores *= np.float32(1.0 / math.sqrt(hd))
-    mask = causal_mask(start, T, S)
-    if mask is not None:
-        scores = scores.reshape(n_kv, group, T, S)
-        scores += mask
-        scores = scores.reshape(n_kv, group * T, S)
-    out = softmax(scores) @ values                               # [n_kv, group*T, hd]
-    return out.reshape(n_kv, group, T, hd).transpose(2, 0, 1, 3).reshape(T, n_heads * hd)
+    # scale the (small) queries rather than the (large) scores;
+    # [T, n_kv, group, hd] -> [n_kv, group, T, hd]
+    qg = (q * np.float32(1.0 / math.sqrt(hd))).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)
+    out = np.empty((T, n_kv, group, hd), np.float32)
+    for t0 in range(0, T, ATTENTION_BLOCK):
+        t1 = min(T, t0 + ATTENTION_BLOCK)
+        n, seen = t1 - t0, start + t1           # this block sees keys 0..seen-1
+        scores = qg[:, :, t0:t1].reshape(n_kv, group * n, hd) @ keys[:, :seen].transpose(0, 2, 1)
+        if n > 1:   # a single newest token sees everything in the cache: no mask
+            scores.reshape(n_kv, group, n, seen)[...] += causal_mask(start + t0, n, seen)
+        mixed = softmax_(scores) @ values[:, :seen]          # [n_kv, group*n, hd]
+        out[t0:t1] = mixed.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
+    return out.reshape(T, n_heads * hd)
 
 
 # --- weights ------------------------------------------------------------------------
@@ -218,20 +249,20 @@ class Model:
         x = self.tok_embeddings[np.asarray(tokens, dtype=np.intp)]   # [T, dim], a copy
         for i, layer in enumerate(self.layers):
             # attention block: q and k are rotated together, in one call
-            qkv = rmsnorm(x, layer.attention_norm, eps) @ layer.wqkv_t
+            qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
             qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), cos, sin)
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
-            x += self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
-                              segments) @ layer.wo_t
+            x += linear(self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
+                                     segments), layer.wo_t)
             # feed-forward block (SwiGLU)
-            gate_up = rmsnorm(x, layer.ffn_norm, eps) @ layer.w13_t
-            x += (silu(gate_up[:, :H]) * gate_up[:, H:]) @ layer.w2_t
+            gate_up = linear(rmsnorm(x, layer.ffn_norm, eps), layer.w13_t)
+            x += linear(swiglu(gate_up, H), layer.w2_t)
         for s in segments:
             s.cache.advance(s.n)
         ends = np.cumsum([s.n for s in segments])
         rows = x[T - n_logits:] if len(segments) == 1 else \
             x[np.concatenate([np.arange(e - n_logits, e) for e in ends])]
-        return rmsnorm(rows, self.norm, eps) @ self.output_t
+        return linear(rmsnorm(rows, self.norm, eps), self.output_t)
 
     @staticmethod
     def _attend(layer: int, q, k, v, segments) -> np.ndarray:

@@ -16,7 +16,6 @@ from llamanp.convert import llama2c, meta, torchfile
 from llamanp.convert.checkpoint import canonical_shapes, layer_tensor_names
 from llamanp.errors import LlamanpError
 
-
 # --- a tiny model ----------------------------------------------------------------------
 
 def random_weights(dim=16, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=40, vocab=24,
