@@ -18,6 +18,7 @@ layout the attention matmul wants.
 from __future__ import annotations
 
 import copy
+import mmap
 
 import numpy as np
 
@@ -73,6 +74,18 @@ class NoCache(KVCache):
         pass  # nothing is kept, so the next call starts at position 0 again
 
 
+def reserve(shape) -> np.ndarray:
+    """A float32 array whose memory is committed only as it is written.
+
+    An anonymous memory mapping gets its pages on first write, 4 KiB at a
+    time. (np.empty would do the same, but numpy asks for transparent huge
+    pages on large arrays, and then the first position written in each
+    layer's and head's stretch of the cache commits a whole 2 MiB page.)
+    """
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(count, 1) * 4), np.float32, count).reshape(shape)
+
+
 class InplaceCache(KVCache):
     """Preallocated buffers written at the current position."""
 
@@ -81,9 +94,7 @@ class InplaceCache(KVCache):
     def __init__(self, config, max_seq_len):
         super().__init__(config, max_seq_len)
         shape = (config.n_layers, config.n_kv_heads, max_seq_len, config.head_dim)
-        # np.empty: pages are only touched (and so only use memory) as they fill
-        self.k = np.empty(shape, dtype=np.float32)
-        self.v = np.empty(shape, dtype=np.float32)
+        self.k, self.v = reserve(shape), reserve(shape)
 
     def update(self, layer, k, v):
         start, end = self.length, self.length + k.shape[1]
@@ -96,7 +107,7 @@ class InplaceCache(KVCache):
     def copy(self):
         twin = copy.copy(self)
         # fresh buffers; only the filled positions are worth copying
-        twin.k, twin.v = np.empty_like(self.k), np.empty_like(self.v)
+        twin.k, twin.v = reserve(self.k.shape), reserve(self.v.shape)
         twin.k[:, :, :self.length] = self.k[:, :, :self.length]
         twin.v[:, :, :self.length] = self.v[:, :, :self.length]
         return twin
