@@ -12,11 +12,12 @@ from .config import Config, RopeScaling
 from .errors import LlamanpError
 from .generate import Generation, generate
 from .model import Model, Session, load
+from .perplexity import PerplexityResult, perplexity
 from .sampling import Sampler
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchResult", "Beam", "Config", "Generation", "LlamanpError", "Model",
-           "RopeScaling", "Sampler", "Session", "Tokenizer", "__version__", "beam_search",
-           "generate", "generate_batch", "load", "load_tokenizer"]
+           "PerplexityResult", "RopeScaling", "Sampler", "Session", "Tokenizer", "__version__",
+           "beam_search", "generate", "generate_batch", "load", "load_tokenizer", "perplexity"]

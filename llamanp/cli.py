@@ -106,6 +106,13 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--batch", action="store_true",
                    help="with -f: one prompt per line, all generated together in one batch "
                         "(one forward pass per step for all of them)")
+    pp = p.add_argument_group("perplexity (instead of generating)")
+    pp.add_argument("--perplexity", metavar="FILE",
+                    help="report the model's perplexity over the text in FILE")
+    pp.add_argument("--ctx", type=int, metavar="N",
+                    help="window length in tokens (default: the context, at most 512)")
+    pp.add_argument("--stride", type=int, metavar="S", help="move the window by S tokens; "
+                    "each window scores only the tokens new to it (default ctx/2)")
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE "
                    "(with --chat: one JSON line per turn)")
     add_chat_arguments(p)
@@ -201,6 +208,8 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     kvcache = kvcache_choice(args)
     check_args(args)
+    if args.perplexity is not None or args.ctx is not None or args.stride is not None:
+        return run_perplexity(args)
     if args.chat:
         refuse_with_chat(args)
         model = open_model(args)
@@ -253,6 +262,31 @@ def refuse_with_chat(args) -> None:
                         ("--fill1", args.fill1)):
         if value:
             raise LlamanpError(f"{flag} cannot be used with --chat")
+
+
+# -- perplexity ----------------------------------------------------------------------
+
+def run_perplexity(args) -> int:
+    """--perplexity FILE: score the text with a sliding window (llamanp/perplexity.py)."""
+    from .perplexity import perplexity, read_text, report_stats, report_text, window_args
+    if args.perplexity is None:
+        raise LlamanpError("--ctx and --stride only apply to --perplexity FILE")
+    for flag, value in (("-i", args.prompt), ("-f", args.file), ("--chat", args.chat),
+                        ("--batch", args.batch), ("--beams", args.beams)):
+        if value not in (None, False):
+            raise LlamanpError(f"--perplexity cannot be combined with {flag}")
+    text = read_text(args.perplexity)
+    model = open_model(args)
+    check_seqlength(args, model)
+    limit, where = ((args.seqlength, "--seqlength") if args.seqlength is not None
+                    else (model.config.max_seq_len, "the model's max_seq_len"))
+    ctx, stride = window_args(args.ctx, args.stride, limit, where)
+    ids = model.tokenizer.encode(text, bos=model.tokenizer.bos_id is not None)
+    result = perplexity(model, ids, ctx, stride)
+    sys.stdout.write(report_text(result, len(ids), ctx, stride))
+    write_stats(args, {**report_stats(result, args.perplexity, len(ids), ctx, stride),
+                       "peak_rss_mb": round(peak_rss_mb(), 1)})
+    return 0
 
 
 # -- batched prompts -----------------------------------------------------------------
