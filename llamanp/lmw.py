@@ -7,7 +7,8 @@ temporary file beside the target, renamed at the end).
 
     offset  size  field
     0       8     magic  b"\\x89LMW\\r\\n\\x1a\\n"
-    8       4     format version, uint32 little-endian (1)
+    8       4     format version, uint32 little-endian (1: all tensors f32;
+                  2: some stored as f16, bf16 or q8_0, see llamanp/quant.py)
     12      4     reserved, must be 0
     16      8     header length N, uint64 little-endian
     24      N     header: UTF-8 JSON object
@@ -28,20 +29,21 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from . import quant
 from .config import Config
 from .errors import LlamanpError
 from .tokenizer import TokenizerData
 
 MAGIC = b"\x89LMW\r\n\x1a\n"
-VERSION = 1
+VERSION = 2            # the newest version: tensors may be f32, f16, bf16 or q8_0
+F32_VERSION = 1        # what an all-f32 file is written as, so older readers keep reading it
+VERSIONS = (1, 2)      # the versions this module reads
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
 MAX_HEADER_BYTES = 64 << 20         # a sane bound before we try to parse JSON
 
-# dtype names used in the tensor table. Only f32 is readable in version 1; the
-# others are reserved so later versions can add them without renaming.
-DTYPES = {"f32": np.dtype("<f4")}
-RESERVED_DTYPES = ("f16", "bf16", "q8_0")
+# dtype names used in the tensor table (spec §3); version 1 files hold only f32
+DTYPES = quant.DTYPES
 
 
 # --- the tensors a model file must hold ------------------------------------------
@@ -70,6 +72,18 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def stored_dtype(dtype: str, shape) -> str:
+    """The dtype a tensor of `shape` is stored in when a model is written as
+    `dtype` (spec §3.1): 1-D tensors (the norms) always as f32, q8_0 matrices
+    whose rows are not a multiple of 32 long as f16."""
+    quant.check_dtype(dtype)
+    if len(shape) < 2:
+        return "f32"
+    if dtype == "q8_0" and shape[-1] % quant.Q8_BLOCK:
+        return "f16"
+    return dtype
+
+
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -84,7 +98,15 @@ class LmwFile:
     config: Config
     tokenizer: Optional[TokenizerData]
     metadata: dict
-    tensors: dict[str, np.ndarray]   # read-only views into the mapping, no copies
+    # read-only views into the mapping, no copies: f32 tensors as float32 arrays,
+    # the others as quant.Packed (widened to float32 on demand)
+    tensors: dict[str, "np.ndarray | quant.Packed"]
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """{tensor name: stored dtype}."""
+        return {name: "f32" if isinstance(t, np.ndarray) else t.dtype
+                for name, t in self.tensors.items()}
 
 
 def read(path) -> LmwFile:
@@ -115,9 +137,10 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
     if magic != MAGIC:
         raise LlamanpError(f"{path} is not an .lmw model file (wrong magic); "
                            "convert checkpoints with convert.py first")
-    if version != VERSION:
+    if version not in VERSIONS:
         raise LlamanpError(f"{path} is .lmw format version {version}, but this llamanp "
-                           f"reads version {VERSION}; upgrade llamanp or re-convert")
+                           f"reads versions {VERSIONS[0]} to {VERSIONS[-1]}; upgrade llamanp "
+                           "or re-convert")
     if reserved != 0:
         raise _bad(path, "reserved preamble field is not zero")
     if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > size:
@@ -140,7 +163,7 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
         raise _bad(path, str(e)) from None
 
     regions = []  # (offset, nbytes, what) for the overlap / truncation checks
-    table = _read_tensor_table(path, header["tensors"], data_size, regions)
+    table = _read_tensor_table(path, version, header["tensors"], data_size, regions)
     _check_expected(path, config, table)
 
     tokenizer = None
@@ -161,11 +184,37 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
     metadata = header.get("metadata", {})
     if not isinstance(metadata, dict):
         raise _bad(path, "metadata is not an object")
+    bad_scales = _find_bad_q8_scales(mm, data_start, table)
+    if bad_scales:
+        raise _bad(path, f"tensor {bad_scales} has a negative, infinite or NaN q8_0 scale")
     # only now, with everything checked, view the tensors in place
-    tensors = {name: np.frombuffer(mm, dtype=DTYPES[dtype], count=int(np.prod(shape)),
-                                   offset=data_start + off).reshape(shape)
+    tensors = {name: _view(mm, data_start + off, dtype, shape)
                for name, (dtype, shape, off) in table.items()}
     return LmwFile(path, version, config, tokenizer, metadata, tensors)
+
+
+def _view(mm, offset: int, dtype: str, shape: tuple):
+    if dtype == "f32":
+        return np.frombuffer(mm, dtype="<f4", count=int(np.prod(shape)),
+                             offset=offset).reshape(shape)
+    return quant.Packed.from_buffer(mm, offset, dtype, shape)
+
+
+def _find_bad_q8_scales(mm, data_start: int, table: dict) -> Optional[str]:
+    """The first q8_0 tensor with a scale that is not a finite number >= +0.
+
+    Viewed as uint16, exactly the binary16 values from +0 to +65504 are below
+    0x7C00 (+infinity), so the check is one max per tensor: no temporaries,
+    one read of the scales (1/17 of the tensor). The views die with this
+    frame, so a file rejected here can still be unmapped.
+    """
+    for name, (dtype, shape, off) in table.items():
+        if dtype == "q8_0":
+            count = int(np.prod(shape))
+            scales = np.frombuffer(mm, "<u2", count // quant.Q8_BLOCK, data_start + off + count)
+            if scales.max() >= 0x7C00:
+                return name
+    return None
 
 
 def _region(path, entry: dict, what: str, data_size: int) -> tuple[int, int]:
@@ -179,7 +228,7 @@ def _region(path, entry: dict, what: str, data_size: int) -> tuple[int, int]:
     return off, nbytes
 
 
-def _read_tensor_table(path, table, data_size, regions) -> dict:
+def _read_tensor_table(path, version, table, data_size, regions) -> dict:
     """Check every entry of the tensor table; return {name: (dtype, shape, offset)}."""
     if not isinstance(table, list):
         raise _bad(path, "tensor table is not a list")
@@ -191,19 +240,24 @@ def _read_tensor_table(path, table, data_size, regions) -> dict:
         if name in tensors:
             raise _bad(path, f"tensor {name} appears twice")
         dtype = entry.get("dtype")
-        if dtype in RESERVED_DTYPES:
-            raise LlamanpError(f"{path}: tensor {name} is stored as {dtype}, which this "
-                               "llamanp cannot read yet; re-convert with the default f32")
         if dtype not in DTYPES:
             raise _bad(path, f"tensor {name} has unknown dtype {dtype!r}")
+        if dtype != "f32" and version < 2:
+            raise _bad(path, f"tensor {name} is {dtype}, but a version {version} file "
+                       "holds only f32")
         shape = entry.get("shape")
         if not (isinstance(shape, list) and all(isinstance(n, int) and n > 0 for n in shape)):
             raise _bad(path, f"tensor {name} has an invalid shape {shape!r}")
+        if dtype != "f32" and len(shape) < 2:
+            raise _bad(path, f"tensor {name} is 1-D and {dtype}; 1-D tensors are always f32")
+        if dtype == "q8_0" and shape[-1] % quant.Q8_BLOCK:
+            raise _bad(path, f"tensor {name} is q8_0 but its rows ({shape[-1]}) are not "
+                       f"a multiple of {quant.Q8_BLOCK} long")
         off, nbytes = _region(path, entry, f"tensor {name}", data_size)
-        count = int(np.prod(shape, dtype=np.int64))
-        if nbytes != count * DTYPES[dtype].itemsize:
-            raise _bad(path, f"tensor {name} has {nbytes} bytes, its shape needs "
-                       f"{count * DTYPES[dtype].itemsize}")
+        need = quant.nbytes(dtype, shape)
+        if nbytes != need:
+            raise _bad(path, f"tensor {name} has {nbytes} bytes, its shape needs {need} "
+                       f"as {dtype}")
         regions.append((off, nbytes, f"tensor {name}"))
         tensors[name] = (dtype, tuple(shape), off)
     return tensors
@@ -250,13 +304,20 @@ class TensorSource:
 
 def write(path, config: Config, tensors: Iterable[TensorSource],
           tokenizer: Optional[TokenizerData] = None, metadata: Optional[dict] = None,
-          force: bool = False, progress: Optional[Callable[[int, int, str], None]] = None):
+          force: bool = False, progress: Optional[Callable[[int, int, str], None]] = None,
+          dtype: str = "f32"):
     """Write an .lmw file atomically.
+
+    The tensors are stored as `dtype` (f32, f16, bf16 or q8_0; with the
+    exceptions of :func:`stored_dtype`), encoded piece by piece as they are
+    written. A file with any tensor other than f32 is version 2, an all-f32
+    file version 1 (which older readers read too).
 
     Everything goes to a temporary file in the target's directory, which is
     renamed over `path` only when complete; on any error (or Ctrl-C) the
     temporary file is removed and an existing `path` is left untouched.
     """
+    quant.check_dtype(dtype)
     path = Path(path)
     if path.exists() and not force:
         raise LlamanpError(f"{path} already exists; pass --force to overwrite it")
@@ -270,10 +331,12 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         if tuple(t.shape) != want[t.name]:
             raise LlamanpError(f"tensor {t.name} has shape {list(t.shape)}, the config "
                                f"needs {list(want[t.name])}")
-        nbytes = int(np.prod(t.shape, dtype=np.int64)) * 4
-        table.append({"name": t.name, "dtype": "f32", "shape": list(t.shape),
+        kind = stored_dtype(dtype, t.shape)
+        nbytes = quant.nbytes(kind, t.shape)
+        table.append({"name": t.name, "dtype": kind, "shape": list(t.shape),
                       "offset": end, "nbytes": nbytes})
         end = _align(end + nbytes)
+    version = F32_VERSION if all(e["dtype"] == "f32" for e in table) else VERSION
     header = {"config": config.to_dict(), "tensors": table, "metadata": metadata or {}}
     blob = b""
     if tokenizer is not None:
@@ -289,7 +352,7 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         raise LlamanpError(f"cannot write in {directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(PREAMBLE.pack(MAGIC, VERSION, 0, len(hbytes)))
+            f.write(PREAMBLE.pack(MAGIC, version, 0, len(hbytes)))
             f.write(hbytes)
             _pad_to(f, data_start)
             for i, (t, entry) in enumerate(zip(tensors, table)):
@@ -300,7 +363,8 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
                 if arr.shape != tuple(t.shape):
                     raise LlamanpError(f"tensor {t.name}: source gave shape "
                                        f"{list(arr.shape)}, expected {list(t.shape)}")
-                f.write(memoryview(arr).cast("B"))
+                _write_encoded(f, t.name, arr, entry)
+                del arr   # free it before the next tensor is produced
             if tokenizer is not None:
                 _pad_to(f, data_start + header["tokenizer"]["offset"])
                 f.write(blob)
@@ -316,6 +380,19 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         except OSError:
             pass
         raise
+
+
+def _write_encoded(f, name: str, arr: np.ndarray, entry: dict) -> None:
+    """Write `arr` encoded as entry["dtype"], exactly entry["nbytes"] bytes."""
+    written = 0
+    try:
+        for piece in quant.encode_stream(arr, entry["dtype"]):
+            written += f.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
+    except LlamanpError as e:
+        raise LlamanpError(f"tensor {name}: {e}") from None
+    if written != entry["nbytes"]:
+        raise LlamanpError(f"internal: tensor {name} took {written} bytes, "
+                           f"not {entry['nbytes']}")
 
 
 def _umask() -> int:

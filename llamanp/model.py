@@ -26,6 +26,7 @@ from . import lmw
 from .config import Config, RopeScaling
 from .errors import LlamanpError
 from .kvcache import KVCache, make_cache
+from .quant import Packed
 from .tokenizer import Tokenizer
 
 # --- the maths ----------------------------------------------------------------------
@@ -196,8 +197,28 @@ class Layer:
     w2_t: np.ndarray            # [hidden, dim]
 
 
+# A block's tensors: the Layer field each one fills, and its name in the file.
+_LAYER_TENSORS = (("attention_norm", "attention_norm.weight"),
+                  ("wqkv_t", "attention.wqkv.weight"),
+                  ("wo_t", "attention.wo.weight"),
+                  ("ffn_norm", "ffn_norm.weight"),
+                  ("w13_t", "feed_forward.w13.weight"),
+                  ("w2_t", "feed_forward.w2.weight"))
+
+# A compressed output matrix is widened this many bytes of float32 at a time:
+# small enough to stay in the CPU cache until the matrix product reads it.
+OUTPUT_CHUNK_BYTES = 2 << 20
+
+
 class Model:
-    """A Llama model over a memory-mapped .lmw file."""
+    """A Llama model over a memory-mapped .lmw file.
+
+    float32 weights are used in place. Weights stored compressed (f16, bf16,
+    q8_0: see llamanp.quant) are widened to float32 one layer at a time, into
+    buffers allocated once and shared by all layers, so memory stays about
+    the file plus one layer's float32 weights. Those buffers make such a
+    model unsafe to run from several threads at once.
+    """
 
     def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None):
         self.file = file
@@ -205,18 +226,85 @@ class Model:
         self.config = cfg = file.config
         self.tokenizer = tokenizer
         t = file.tensors
-        self.tok_embeddings = t["tok_embeddings.weight"]
-        self.layers = [
-            Layer(attention_norm=t[f"layers.{i}.attention_norm.weight"],
-                  wqkv_t=t[f"layers.{i}.attention.wqkv.weight"].T,
-                  wo_t=t[f"layers.{i}.attention.wo.weight"].T,
-                  ffn_norm=t[f"layers.{i}.ffn_norm.weight"],
-                  w13_t=t[f"layers.{i}.feed_forward.w13.weight"].T,
-                  w2_t=t[f"layers.{i}.feed_forward.w2.weight"].T)
-            for i in range(cfg.n_layers)]
+        self.tok_embeddings = t["tok_embeddings.weight"]   # float32 array or Packed
+        self.output = self.tok_embeddings if cfg.tied_embeddings else t["output.weight"]
         self.norm = t["norm.weight"]
-        self.output_t = (self.tok_embeddings if cfg.tied_embeddings else t["output.weight"]).T
+        # One float32 buffer per compressed matrix role (wqkv, wo, w13, w2),
+        # shaped as stored; the Layers of all layers view the same buffers.
+        self._buffers: dict[str, np.ndarray] = {}
+        self._layers: list[Layer] = []            # float32 [in, out] views
+        self._to_widen: list[list] = []           # per layer: (buffer, Packed) pairs
+        for i in range(cfg.n_layers):
+            fields, packed = {}, []
+            for field, name in _LAYER_TENSORS:
+                w = t[f"layers.{i}.{name}"]
+                if isinstance(w, Packed):
+                    buf = self._buffers.get(field)
+                    if buf is None:
+                        buf = self._buffers[field] = np.empty(w.shape, np.float32)
+                    packed.append((buf, w))
+                    w = buf
+                fields[field] = w.T if field.endswith("_t") else w
+            self._layers.append(Layer(**fields))
+            self._to_widen.append(packed)
+        self._widened: Optional[int] = None       # the layer now in the buffers
+        if isinstance(self.output, Packed):
+            rows = max(1, min(cfg.vocab_size, OUTPUT_CHUNK_BYTES // (4 * cfg.dim)))
+            self._output_buffer = np.empty((rows, cfg.dim), np.float32)
         self.rope = RopeTable(cfg)
+
+    # -- the weights, as float32 --------------------------------------------------
+    def layer_weights(self, i: int) -> Layer:
+        """Layer i's weights as float32 arrays (matrices as [in, out] views).
+
+        float32 tensors are views of the file: nothing to do. Compressed ones
+        are widened into the shared buffers, so the arrays of a compressed
+        layer are only valid until weights of another layer are asked for.
+        """
+        if self._to_widen[i] and self._widened != i:
+            for buf, packed in self._to_widen[i]:
+                packed.widen(out=buf)
+            self._widened = i
+        return self._layers[i]
+
+    def iter_layers(self):
+        """layer_weights(0), layer_weights(1), ...: each widened when reached."""
+        for i in range(self.config.n_layers):
+            yield self.layer_weights(i)
+
+    def embed(self, tokens) -> np.ndarray:
+        """The embedding rows of `tokens`, a new float32 array [len(tokens), dim]."""
+        ids = np.asarray(tokens, dtype=np.intp)
+        if isinstance(self.tok_embeddings, Packed):
+            return self.tok_embeddings.take(ids).widen()
+        return self.tok_embeddings[ids]
+
+    def output_logits(self, h: np.ndarray) -> np.ndarray:
+        """output · h for normalised rows h [n, dim]: float32 logits [n, vocab].
+
+        A compressed output matrix is widened a few rows at a time into one
+        reused buffer and multiplied chunk by chunk, never whole.
+        """
+        w = self.output
+        if not isinstance(w, Packed):
+            return linear(h, w.T)
+        vocab = self.config.vocab_size
+        logits = np.empty((len(h), vocab), np.float32)
+        step = len(self._output_buffer)
+        for lo in range(0, vocab, step):
+            hi = min(lo + step, vocab)
+            chunk = w.rows(lo, hi).widen(out=self._output_buffer[:hi - lo])
+            if len(h) == 1:    # one row: a matrix-vector product, as linear() does
+                np.matmul(chunk, h[0], out=logits[0, lo:hi])
+            else:
+                np.matmul(h, chunk.T, out=logits[:, lo:hi])
+        return logits
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the float32 buffers that compressed weights are widened into."""
+        n = sum(b.nbytes for b in self._buffers.values())
+        return n + (self._output_buffer.nbytes if isinstance(self.output, Packed) else 0)
 
     # -- the forward pass ----------------------------------------------------------
     def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1) -> np.ndarray:
@@ -246,8 +334,8 @@ class Model:
             cos, sin = self.rope.at(np.concatenate(
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
-        x = self.tok_embeddings[np.asarray(tokens, dtype=np.intp)]   # [T, dim], a copy
-        for i, layer in enumerate(self.layers):
+        x = self.embed(tokens)                                       # [T, dim], a copy
+        for i, layer in enumerate(self.iter_layers()):
             # attention block: q and k are rotated together, in one call
             qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
             qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), cos, sin)
@@ -262,7 +350,7 @@ class Model:
         ends = np.cumsum([s.n for s in segments])
         rows = x[T - n_logits:] if len(segments) == 1 else \
             x[np.concatenate([np.arange(e - n_logits, e) for e in ends])]
-        return linear(rmsnorm(rows, self.norm, eps), self.output_t)
+        return self.output_logits(rmsnorm(rows, self.norm, eps))
 
     @staticmethod
     def _attend(layer: int, q, k, v, segments) -> np.ndarray:

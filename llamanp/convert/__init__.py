@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .. import lmw
+from .. import lmw, quant
 from ..errors import LlamanpError
 from ..tokenizer import Tokenizer, TokenizerData, read_tokenizer_file
 from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors
@@ -117,12 +117,17 @@ def fused_tensors(ckpt: Checkpoint) -> list[lmw.TensorSource]:
 # --- the whole conversion -----------------------------------------------------------------
 
 def convert(src, out, tokenizer=None, force: bool = False,
-            progress: Optional[Callable[[int, int, str], None]] = None) -> Checkpoint:
+            progress: Optional[Callable[[int, int, str], None]] = None,
+            dtype: str = "f32") -> Checkpoint:
     """Convert checkpoint `src` (file or directory) into the .lmw file `out`.
 
     `tokenizer` (a path) is embedded, overriding any the checkpoint carries.
-    Nothing is written unless the whole conversion succeeds.
+    `dtype` is how the weights are stored: "f32" (default), "f16", "bf16" or
+    "q8_0" (norms always f32; see docs/lmw-format.md §3); computation is
+    float32 whatever it is. Nothing is written unless the whole conversion
+    succeeds.
     """
+    quant.check_dtype(dtype)
     out = Path(out)
     if out.exists() and not force:
         raise LlamanpError(f"{out} already exists; pass --force to overwrite it")
@@ -143,5 +148,5 @@ def convert(src, out, tokenizer=None, force: bool = False,
     from .. import __version__
     metadata = dict(ckpt.metadata, source_format=ckpt.source, converter=f"llamanp {__version__}")
     lmw.write(out, ckpt.config, tensors, ckpt.tokenizer, metadata, force=force,
-              progress=progress)
+              progress=progress, dtype=dtype)
     return ckpt

@@ -7,6 +7,7 @@ import time
 from typing import Optional
 
 from ..cliutil import ArgumentParser, run_main
+from ..quant import DTYPES
 
 
 def build_parser() -> ArgumentParser:
@@ -20,6 +21,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer to embed (SentencePiece .model or Llama 3 tiktoken file)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="how to store the weights (default f32): f16, bf16 (2 bytes each) "
+                        "or q8_0 (8-bit blocks, ~1.06 bytes each); norms stay f32 and "
+                        "computation is float32 whatever is stored")
     return p
 
 
@@ -48,11 +53,12 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     ckpt = convert(args.src, args.out, tokenizer=args.tokenizer, force=args.force,
-                   progress=Progress())
+                   progress=Progress(), dtype=args.dtype)
     c = ckpt.config
     tok = ckpt.tokenizer.kind if ckpt.tokenizer is not None else "none"
     print(f"wrote {args.out}: {ckpt.source}, {c.n_layers} layers, dim {c.dim}, "
-          f"heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size}, tokenizer {tok} "
+          f"heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size}, {args.dtype}, "
+          f"tokenizer {tok} "
           f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     if ckpt.tokenizer is None:
         print("note: no tokenizer embedded; pass --tokenizer PATH here, or -t PATH when "
