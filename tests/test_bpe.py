@@ -23,19 +23,16 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+
+# the shared data folder, and Meta's Llama 3 split regex written out apart from
+# llamanp's copy (the references must not share it)
+from test_tokenizer import LLAMA3_SPLIT, SHARED  # noqa: E402
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llamanp.convert.tokenizers import tokenizer_from_gguf, tokenizer_from_hf_files
 from llamanp.errors import LlamanpError
 from llamanp.tokenizer import Tokenizer, TokenizerData
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-# Meta's Llama 3 split regex and GPT-2's, written out here so the references do
-# not share llamanp's copies.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 HARD_TEXTS = [
     "",
