@@ -1,29 +1,109 @@
 #!/usr/bin/env python3
-"""Compare the cost of the KV-cache strategies and prefill modes on one model.
+"""Measure llamanp on one model, next to the machine's own limits.
 
-    python bench/bench.py -w model.lmw [--runs 5] [--prompt-lens 16,128] [--contexts 0,128,512]
+    python bench/bench.py -w MODEL.lmw [--runs N] [--quick] [--csv OUT.csv] [--plot OUT.png]
+                          [--compare transformers] [--compare llama-cpp] [--threads N]
 
-Prints a table: prefill tok/s (batched and one token at a time) per prompt
-length, and decode tok/s per KV-cache strategy at several context positions.
-Every figure is the median of --runs runs, measured side by side in one process
-(min-max in brackets), so ratios between rows are meaningful even on a noisy
-machine. Token ids are random: speed does not depend on what they say.
+What it measures, all in one process and one run:
+
+  prefill   tok/s for prompts of 16, 128, 512, 1024 tokens, fed as one batch
+            and one token at a time (fill1), KV cache in place;
+  decode    tok/s of single-token steps after a context of about 0, 512, 1024
+            and 2048 tokens, for each KV-cache strategy (`none` only up to 512:
+            it recomputes the whole context at every step);
+  load      llamanp.load (mmap + validation), and the peak RSS of generating
+            (resource.getrusage, in a fresh process);
+  machine   streaming-read bandwidth, gemv bandwidth and sgemm GFLOP/s, so that
+            every figure can be given as a fraction of its roofline:
+              decode (and fill1) roofline = read bandwidth / weight bytes per token,
+              batched prefill roofline    = sgemm FLOP/s / FLOPs per token.
+
+With --compare transformers the same prompts and decode steps run through
+transformers' LlamaForCausalLM in float32 (loaded from the GGUF the model was
+converted from, or --hf-gguf / --hf-dir), and every row gets the ratio
+llamanp / transformers; --compare llama-cpp does the same through llama-cpp-python
+on an F32 GGUF (bench/lmw_to_gguf.py writes one).
+
+--csv writes one row per figure: engine, section (prefill | decode | machine |
+load | memory), mode (batched | fill1 | a KV-cache strategy | the measure),
+size (prompt tokens, context tokens, or the test's size), unit, runs, median,
+min, max and, for llamanp's prefill and decode rows, roofline,
+fraction_of_roofline and vs_transformers / vs_llama_cpp (median, min, max of
+the per-run ratios), and samples: the per-run values in run order, ';'-separated.
+
+Every figure is the median of --runs runs with [min-max]. The configurations
+are measured round-robin, the whole set once per run (in alternating
+direction), so drift on a shared machine touches them all alike; ratios are
+the medians of the per-run ratios. Token ids are random: speed does not depend
+on what they say.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
-import numpy as np
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(REPO), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np  # noqa: E402
 
 import llamanp  # noqa: E402
-from llamanp.cliutil import run_main  # noqa: E402
+from llamanp import threads  # noqa: E402
+from llamanp.cliutil import ArgumentParser, run_main  # noqa: E402
+from llamanp.errors import LlamanpError  # noqa: E402
+
+STRATEGIES = ("inplace", "concat", "none")
+FULL = dict(prompt_lens=(16, 128, 512, 1024), fill1_max=1024, contexts=(0, 512, 1024, 2048),
+            steps=16, runs=5, machine_mb=1024, sgemm_n=2048, probe=(512, 64))
+QUICK = dict(prompt_lens=(16, 128, 512), fill1_max=128, contexts=(0, 512),
+             steps=8, runs=3, machine_mb=256, sgemm_n=1024, probe=(128, 16))
+ENGINES = ("llamanp", "transformers", "llama-cpp")
+MACHINE_REPS = 3    # a machine measure's figure for one run is its best of this many tries
+CSV_COLUMNS = ("engine", "section", "mode", "size", "unit", "runs", "median", "min", "max",
+               "roofline", "fraction_of_roofline",
+               "vs_transformers", "vs_transformers_min", "vs_transformers_max",
+               "vs_llama_cpp", "vs_llama_cpp_min", "vs_llama_cpp_max", "samples")
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- measurements -----------------------------------------------------------------
+
+@dataclass
+class Task:
+    """One configuration: `once()` runs it once and returns its figure."""
+    engine: str      # llamanp | transformers | llama-cpp | machine
+    section: str     # prefill | decode | machine | load
+    mode: str        # batched | fill1 | a kv strategy | a machine measure
+    size: int        # prompt tokens, context tokens, MB, ...
+    unit: str
+    once: Callable[[], float]
+    warmup: bool = True      # run once, untimed, before the measured runs
+    samples: list = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.engine, self.section, self.mode, self.size)
 
 
 def timed(fn) -> float:
@@ -32,62 +112,955 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def prefill_rate(model, ids, kvcache: str, fill1: bool) -> float:
-    s = model.session(kvcache, max_seq_len=len(ids))
-    return len(ids) / timed(lambda: s.feed(ids, fill1=fill1))
+def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -> None:
+    """Every task once per run, alternating the direction of the sweep,
+    after one untimed warm-up pass (set-up, first-touch pages, caches; the
+    long one-at-a-time prefills warm themselves up). A short pause whenever
+    the engine changes lets the other engine's idle worker threads (OpenBLAS
+    and OpenMP spin a while after each call) park."""
+    t_start = time.perf_counter()
+    rounds = ([("warm-up", [t for t in tasks if t.warmup])] if warmup else []) + \
+        [(f"run {r + 1}/{runs}", tasks if r % 2 == 0 else tasks[::-1]) for r in range(runs)]
+    for name, order in rounds:
+        t0 = time.perf_counter()
+        last_engine = None
+        for t in order:
+            if last_engine is not None and t.engine != last_engine and settle > 0:
+                time.sleep(settle)
+            last_engine = t.engine
+            value = float(t.once())
+            if name != "warm-up":
+                t.samples.append(value)
+        say(f"  {name} done in {time.perf_counter() - t0:.1f} s "
+            f"({time.perf_counter() - t_start:.0f} s so far)")
 
 
-def decode_rate(model, context: int, kvcache: str, steps: int, rng) -> float:
-    """tok/s of `steps` single-token steps after a context of `context` tokens."""
+class Lazy:
+    """A value built on first use (untimed set-up of a configuration)."""
+
+    def __init__(self, make):
+        self.make, self.value, self.done = make, None, False
+
+    def get(self):
+        if not self.done:
+            self.value, self.done = self.make(), True
+        return self.value
+
+
+# -- llamanp ------------------------------------------------------------------------
+
+def llamanp_tasks(model, path: str, plan, rng) -> list[Task]:
     vocab = model.config.vocab_size
-    s = model.session(kvcache, max_seq_len=context + steps + 1)
-    s.feed(rng.integers(0, vocab, context + 1).tolist())
-    new = rng.integers(0, vocab, steps).tolist()
-    return steps / timed(lambda: [s.feed([t]) for t in new])
+    tasks = []
+
+    def prefill(ids, fill1):
+        def once():
+            s = model.session("inplace", max_seq_len=len(ids))
+            return len(ids) / timed(lambda: s.feed(ids, fill1=fill1))
+        return once
+
+    for n in plan.prompt_lens:
+        ids = rng.integers(0, vocab, n).tolist()
+        tasks.append(Task("llamanp", "prefill", "batched", n, "tok/s", prefill(ids, False)))
+        if n <= plan.fill1_max:
+            tasks.append(Task("llamanp", "prefill", "fill1", n, "tok/s", prefill(ids, True),
+                              warmup=n <= 128))
+
+    def decode(kv, ctx):
+        prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
+        steps = plan.steps if kv != "none" else plan.none_steps
+        new = rng.integers(0, vocab, steps).tolist()
+
+        def make_base():
+            s = model.session(kv, max_seq_len=len(prefix) + steps)
+            for i in range(0, len(prefix), 512):   # chunks: bounded attention scratch
+                s.feed(prefix[i:i + 512])
+            return s
+        base = Lazy(make_base)
+
+        def once():
+            s = base.get().fork()   # the same context every run; copying is untimed
+            return steps / timed(lambda: [s.feed([t]) for t in new])
+        return once
+
+    for ctx in plan.contexts:
+        for kv in STRATEGIES:
+            if kv == "none" and ctx > plan.none_max:
+                continue
+            tasks.append(Task("llamanp", "decode", kv, ctx, "tok/s", decode(kv, ctx)))
+
+    def load():
+        t = timed(lambda: llamanp.load(path))
+        return t * 1000
+    tasks.append(Task("llamanp", "load", "llamanp.load", 0, "ms", load))
+    return tasks
 
 
-def summarise(samples) -> str:
-    return f"{statistics.median(samples):9.1f}  [{min(samples):.1f}-{max(samples):.1f}]"
+# -- the machine's own limits ------------------------------------------------------
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every layer tensor, the final
+    norm, the output matrix (the embedding matrix, once, when tied) and one
+    row of the embedding table."""
+    cfg, total = model.config, 0
+    for name, arr in model.file.tensors.items():
+        if name == "tok_embeddings.weight":
+            total += arr.nbytes if cfg.tied_embeddings else arr.nbytes // cfg.vocab_size
+        else:
+            total += arr.nbytes
+    return total
+
+
+def layer_shapes(cfg) -> list[tuple[int, int]]:
+    """(in, out) of the four matrix products of one layer."""
+    return [(cfg.dim, cfg.q_dim + 2 * cfg.kv_dim), (cfg.q_dim, cfg.dim),
+            (cfg.dim, 2 * cfg.hidden_dim), (cfg.hidden_dim, cfg.dim)]
+
+
+def matrix_parameters(cfg) -> tuple[int, int]:
+    """(parameters multiplied per token in the layers, in the output matrix)."""
+    per_layer = sum(i * o for i, o in layer_shapes(cfg))
+    return cfg.n_layers * per_layer, cfg.vocab_size * cfg.dim
+
+
+def prefill_flops_per_token(cfg, n: int) -> float:
+    """Useful FLOPs per prompt token of a batched prefill of n tokens: 2 per
+    layer weight, causal attention (q·k and p·v over (n+1)/2 positions on
+    average), and the output matrix once for the whole prompt."""
+    layers, output = matrix_parameters(cfg)
+    attention = cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * (n + 1) / 2
+    return 2 * layers + attention + 2 * output / n
+
+
+def decode_flops_per_token(cfg, ctx: int) -> float:
+    """FLOPs of one decode step at position ctx: every weight once, the output
+    matrix included, and attention over ctx + 1 positions."""
+    layers, output = matrix_parameters(cfg)
+    return 2 * (layers + output) + cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * (ctx + 1)
+
+
+def machine_tasks(cfg, plan) -> list[Task]:
+    n_floats = plan.machine_mb * (1 << 20) // 4
+    buf = Lazy(lambda: np.full(n_floats, 1.0, np.float32))      # pages touched here
+    side = int(math.isqrt(n_floats))
+    sgemm_t = min(512, max(plan.prompt_lens))
+    rng = np.random.default_rng(1)
+
+    def stream_sum():
+        a = buf.get()
+        return a.nbytes / timed(lambda: np.add.reduce(a)) / 1e9
+
+    def stream_dot():
+        a = buf.get()
+        half = len(a) // 2
+        x, y = a[:half], a[half:2 * half]
+        return 2 * x.nbytes / timed(lambda: np.dot(x, y)) / 1e9
+
+    def gemv():
+        w = buf.get()[:side * side].reshape(side, side)     # [out, in]
+        x = np.ones((1, side), np.float32)
+        return w.nbytes / timed(lambda: x @ w.T) / 1e9        # as the model multiplies
+
+    shapes = Lazy(lambda: [(rng.standard_normal((sgemm_t, i), np.float32),
+                            rng.standard_normal((o, i), np.float32)) for i, o in layer_shapes(cfg)])
+
+    def sgemm_model():
+        pairs = shapes.get()
+        flops = sum(2 * x.shape[0] * x.shape[1] * w.shape[0] for x, w in pairs)
+        return flops / timed(lambda: [x @ w.T for x, w in pairs]) / 1e9
+
+    n = plan.sgemm_n
+    square = Lazy(lambda: (rng.standard_normal((n, n), np.float32),
+                           rng.standard_normal((n, n), np.float32)))
+
+    def sgemm_square():
+        a, b = square.get()
+        return 2 * n ** 3 / timed(lambda: a @ b) / 1e9
+
+    def warm(fn):
+        """Each run: the best of MACHINE_REPS tries (the first call warms up)."""
+        state = {"warm": False}
+
+        def once():
+            if not state["warm"]:
+                fn()
+                state["warm"] = True
+            return max(fn() for _ in range(MACHINE_REPS))
+        return once
+
+    return [
+        Task("machine", "machine", "read: np.sum, 1 thread", plan.machine_mb, "GB/s",
+             warm(stream_sum)),
+        Task("machine", "machine", "read: BLAS sdot", plan.machine_mb, "GB/s", warm(stream_dot)),
+        Task("machine", "machine", f"gemv: x @ W.T, W [{side}, {side}]", plan.machine_mb,
+             "GB/s", warm(gemv)),
+        Task("machine", "machine", f"sgemm: one layer's products, {sgemm_t} tokens", sgemm_t,
+             "GFLOP/s", warm(sgemm_model)),
+        Task("machine", "machine", f"sgemm: {n} x {n} x {n}", n, "GFLOP/s", warm(sgemm_square)),
+    ]
+
+
+# -- transformers --------------------------------------------------------------------
+
+def find_source_gguf(lmw_path: Path, metadata: dict) -> Optional[Path]:
+    from lmw_to_gguf import find_source_gguf as find
+    return find(lmw_path, metadata)
+
+
+def load_transformers(args, model):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if args.hf_dir:
+        where = f"the Hugging Face directory {args.hf_dir}"
+        hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32)
+    else:
+        gguf = Path(args.hf_gguf) if args.hf_gguf else \
+            find_source_gguf(Path(args.weights), model.file.metadata)
+        if gguf is None:
+            raise LlamanpError(
+                "--compare transformers: no source GGUF found next to the model (its metadata "
+                "names none that is there); give --hf-gguf FILE or --hf-dir DIR")
+        where = f"{gguf} (dequantized to float32 by transformers)"
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    return hf.eval(), where
+
+
+def transformers_tasks(hf, plan, rng_seed: int, vocab: int) -> list[Task]:
+    import torch
+    rng = np.random.default_rng(rng_seed)     # the same ids as llamanp's tasks
+    tasks = []
+
+    @torch.inference_mode()
+    def forward(ids, cache=None):
+        out = hf(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True,
+                 logits_to_keep=1)
+        return out.past_key_values
+
+    def prefill(ids, fill1):
+        def once():
+            if not fill1:
+                return len(ids) / timed(lambda: forward(ids))
+
+            def run():
+                cache = None
+                for t in ids:
+                    cache = forward([t], cache)
+            return len(ids) / timed(run)
+        return once
+
+    for n in plan.prompt_lens:
+        ids = rng.integers(0, vocab, n).tolist()
+        tasks.append(Task("transformers", "prefill", "batched", n, "tok/s", prefill(ids, False)))
+        if n <= min(plan.fill1_max, plan.hf_fill1_max):
+            tasks.append(Task("transformers", "prefill", "fill1", n, "tok/s", prefill(ids, True),
+                              warmup=n <= 128))
+
+    def decode(ctx):
+        prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
+        new = rng.integers(0, vocab, plan.steps).tolist()
+        base = Lazy(lambda: forward(prefix))
+
+        def once():
+            cache = copy.deepcopy(base.get())
+
+            def run():
+                c = cache
+                for t in new:
+                    c = forward([t], c)
+            return len(new) / timed(run)
+        return once
+
+    for ctx in plan.contexts:
+        if ctx <= plan.hf_context_max:
+            tasks.append(Task("transformers", "decode", "DynamicCache", ctx, "tok/s",
+                              decode(ctx)))
+    return tasks
+
+
+def transformers_check(hf, model, vocab: int) -> float:
+    """max |logits difference| of llamanp and transformers on 16 random tokens."""
+    import torch
+    ids = np.random.default_rng(7).integers(0, vocab, 16).tolist()
+    with torch.inference_mode():
+        want = hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    return float(np.abs(model.logits(ids) - want).max())
+
+
+# -- llama.cpp ------------------------------------------------------------------------
+
+def load_llama_cpp(path: Path, n_ctx: int, n_batch: int, n_threads: int):
+    from llama_cpp import Llama
+    kw = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+              n_threads_batch=n_threads, logits_all=False, verbose=False)
+    try:
+        return Llama(n_ubatch=n_batch, **kw)
+    except TypeError:    # an older llama-cpp-python without n_ubatch
+        return Llama(**kw)
+
+
+def llama_cpp_tasks(llm, plan, rng_seed: int, vocab: int) -> list[Task]:
+    rng = np.random.default_rng(rng_seed)
+    tasks = []
+
+    def prefill(ids, fill1):
+        def once():
+            llm.reset()
+            if not fill1:
+                return len(ids) / timed(lambda: llm.eval(ids))
+            return len(ids) / timed(lambda: [llm.eval([t]) for t in ids])
+        return once
+
+    for n in plan.prompt_lens:
+        ids = rng.integers(0, vocab, n).tolist()
+        tasks.append(Task("llama-cpp", "prefill", "batched", n, "tok/s", prefill(ids, False)))
+        if n <= plan.fill1_max:
+            tasks.append(Task("llama-cpp", "prefill", "fill1", n, "tok/s", prefill(ids, True),
+                              warmup=n <= 128))
+
+    def decode(ctx):
+        prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
+        new = rng.integers(0, vocab, plan.steps).tolist()
+
+        def once():
+            # one context per Llama object: rebuild this one's (untimed); eval
+            # drops whatever the cache holds past n_tokens first
+            llm.reset()
+            llm.eval(prefix)
+            return len(new) / timed(lambda: [llm.eval([t]) for t in new])
+        return once
+
+    for ctx in plan.contexts:
+        tasks.append(Task("llama-cpp", "decode", "llama.cpp", ctx, "tok/s", decode(ctx)))
+    return tasks
+
+
+def llama_cpp_check(llm, model, vocab: int) -> Optional[float]:
+    ids = np.random.default_rng(7).integers(0, vocab, 16).tolist()
+    try:
+        llm.reset()
+        llm.eval(ids)
+        got = np.asarray(llm.scores[llm.n_tokens - 1], np.float32)
+    except Exception:   # noqa: BLE001 - only a sanity figure; versions differ
+        return None
+    want = model.logits(ids)[-1]
+    return float(np.abs(want - got).max()) if got.shape == want.shape else None
+
+
+# --- peak RSS, in a fresh process ----------------------------------------------------
+
+def maxrss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1 << 20) if sys.platform == "darwin" else r / 1024   # bytes vs KiB
+
+
+def vm_hwm_mb() -> Optional[float]:
+    """Linux's peak RSS of this process image (VmHWM), which, unlike
+    ru_maxrss, does not carry over the parent's peak through fork + exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def rss_probe(args) -> int:
+    """(the child) load, generate, print peak RSS figures as JSON."""
+    prompt, gen = args.probe_prompt, args.probe_gen
+    before = maxrss_mb()
+    m = llamanp.load(args.weights)
+    loaded = maxrss_mb()
+    ids = np.random.default_rng(3).integers(0, m.config.vocab_size, prompt).tolist()
+    t0 = time.perf_counter()
+    out = list(llamanp.generate(m, ids, gen, kvcache=args.rss_probe, stop_ids=(),
+                                max_seq_len=prompt + gen))
+    print(json.dumps({"start_mb": before, "loaded_mb": loaded, "peak_mb": maxrss_mb(),
+                      "vm_hwm_mb": vm_hwm_mb(), "tokens": len(out),
+                      "seconds": time.perf_counter() - t0}))
+    return 0
+
+
+def measure_rss(weights: str, kv: str, prompt: int, gen: int) -> Optional[dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "-w", weights, "--rss-probe", kv,
+           "--probe-prompt", str(prompt), "--probe-gen", str(gen)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        say(f"peak RSS probe ({kv}) failed: {done.stderr.strip()[-300:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- the report --------------------------------------------------------------------
+
+def stats(samples) -> tuple[float, float, float]:
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def fmt(x: Optional[float], digits: int = 3) -> str:
+    """A number with `digits` significant digits (no exponent), or a dash."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return f"{x:,.{decimals}f}"
+
+
+def fmt_range(samples, digits: int = 3) -> str:
+    med, lo, hi = stats(samples)
+    return f"{fmt(med, digits)} [{fmt(lo, digits)}–{fmt(hi, digits)}]"
+
+
+def paired_ratio(a: list, b: list) -> Optional[tuple[float, float, float]]:
+    """Median [min, max] of run-by-run ratios a[i] / b[i] (the same round)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    return stats([x / y for x, y in zip(a[:n], b[:n]) if y > 0])
+
+
+def fmt_ratio(r) -> str:
+    if r is None:
+        return "–"
+    return f"{r[0]:.2f}× [{r[1]:.2f}–{r[2]:.2f}]"
+
+
+def md_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i >= right_from else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i >= right_from else ("-" * (w + 2))
+                         for i, w in enumerate(widths)) + "|"
+    return [line(header), sep] + [line(r) for r in rows]
+
+
+@dataclass
+class Report:
+    model: object
+    path: str
+    plan: object
+    tasks: dict                 # key -> Task
+    engines: list               # engines compared besides llamanp
+    notes: list
+    header: list
+    rss: dict                   # kv -> probe result
+    limits: dict = field(default_factory=dict)
+
+    def get(self, engine, section, mode, size) -> Optional[Task]:
+        return self.tasks.get((engine, section, mode, size))
+
+    def other(self, engine, section, mode, size) -> Optional[Task]:
+        if section == "prefill":
+            return self.get(engine, section, mode, size)
+        return self.get(engine, section,
+                        {"transformers": "DynamicCache", "llama-cpp": "llama.cpp"}[engine], size)
+
+
+def compute_limits(rep: Report) -> None:
+    m = [t for k, t in rep.tasks.items() if k[0] == "machine"]
+    best = {t.mode: max(t.samples) for t in m}
+    bw_mode, bw = max(((k, v) for k, v in best.items() if k.startswith(("read", "gemv"))),
+                      key=lambda kv: kv[1])
+    flops = max(v for k, v in best.items() if k.startswith("sgemm"))
+    wb = weight_bytes_per_token(rep.model)
+    rep.limits = dict(bandwidth_gbs=bw, bandwidth_from=bw_mode,
+                      sgemm_gflops=flops, weight_bytes=wb,
+                      decode_roofline=bw * 1e9 / wb,
+                      gemv_gbs=next(v for k, v in best.items() if k.startswith("gemv")))
+
+
+def roofline(rep: Report, section: str, mode: str, size: int) -> float:
+    """The tok/s that neither compute nor memory traffic would allow to be
+    beaten: T tokens per read of the weights take at least
+    max(T × FLOPs per token / sgemm rate, weight bytes / bandwidth)."""
+    cfg, L = rep.model.config, rep.limits
+    if section == "prefill" and mode == "batched":
+        tokens, flops = size, prefill_flops_per_token(cfg, size)
+    else:   # one token per pass: a decode step (fill1: at positions up to size)
+        tokens = 1
+        flops = decode_flops_per_token(cfg, size if section == "decode" else size // 2)
+    seconds = max(tokens * flops / (L["sgemm_gflops"] * 1e9),
+                  L["weight_bytes"] / (L["bandwidth_gbs"] * 1e9))
+    return tokens / seconds
+
+
+def render(rep: Report) -> str:
+    cfg, L = rep.model.config, rep.limits
+    out = list(rep.header)
+    runs = rep.plan.runs
+
+    out += ["", f"## Machine limits (measured in this run; best of {runs} is the roofline)", ""]
+    rows = []
+    for t in (t for k, t in rep.tasks.items() if k[0] == "machine"):
+        med, lo, hi = stats(t.samples)
+        rows.append([t.mode, t.unit, fmt(med), fmt(hi), f"[{fmt(lo)}–{fmt(hi)}]"])
+    out += md_table(["measure", "unit", "median", "best", "[min–max]"], rows, right_from=2)
+    out += ["",
+            f"- decode roofline: {fmt(L['bandwidth_gbs'])} GB/s (the best read, "
+            f"\"{L['bandwidth_from']}\") ÷ {L['weight_bytes'] / 1e6:,.1f} MB of weights read per "
+            f"token (the output matrix included) = **{fmt(L['decode_roofline'])} tok/s**",
+            f"- prefill roofline: {fmt(L['sgemm_gflops'])} GFLOP/s (the best sgemm) ÷ FLOPs "
+            f"per token (2 × {matrix_parameters(cfg)[0] / 1e6:.1f} M layer weights + causal "
+            f"attention + the output matrix once per prompt)",
+            "- every roofline is T / max(T × FLOPs per token ÷ sgemm rate, weight bytes ÷ "
+            "bandwidth) for T tokens per pass over the weights: the batched prefill is "
+            "compute-bound, decode and one-at-a-time prefill bandwidth-bound"]
+
+    def compare_cells(t: Task, section, mode, size):
+        cells = []
+        for e in rep.engines:
+            o = rep.other(e, section, mode, size)
+            cells += [fmt_range(o.samples) if o else "–",
+                      fmt_ratio(paired_ratio(t.samples, o.samples)) if o else "–"]
+        return cells
+
+    extra_header = []
+    for e in rep.engines:
+        extra_header += [f"{e} tok/s", f"llamanp / {e}"]
+
+    out += ["", f"## Prefill (a prompt of N tokens, KV cache in place), tok/s, median of {runs} "
+            "[min–max]", ""]
+    rows = []
+    for n in rep.plan.prompt_lens:
+        for mode in ("batched", "fill1"):
+            t = rep.get("llamanp", "prefill", mode, n)
+            if t is None:
+                continue
+            roof = roofline(rep, "prefill", mode, n)
+            rows.append([str(n), "batched" if mode == "batched" else "one at a time",
+                         fmt_range(t.samples), fmt(roof),
+                         f"{100 * statistics.median(t.samples) / roof:.0f}%"]
+                        + compare_cells(t, "prefill", mode, n))
+    out += md_table(["tokens", "mode", "llamanp tok/s", "roofline", "of roofline"]
+                    + extra_header, rows, right_from=2)
+    out += ["", "Batched prefill is held against the compute roofline, one token at a time "
+            "against the bandwidth roofline (every step reads every weight)."]
+
+    out += ["", f"## Decode ({rep.plan.steps} single-token steps after a context of C tokens; "
+            f"{rep.plan.none_steps} for `none`), tok/s, median of {runs} [min–max]", ""]
+    rows = []
+    for ctx in rep.plan.contexts:
+        for kv in STRATEGIES:
+            t = rep.get("llamanp", "decode", kv, ctx)
+            if t is None:
+                continue
+            roof = roofline(rep, "decode", kv, ctx)
+            ours = rep.get("llamanp", "decode", "inplace", ctx)
+            speedup = "1" if kv == "inplace" else \
+                fmt_ratio(paired_ratio(ours.samples, t.samples)) if ours else "–"
+            rows.append([str(ctx), kv, fmt_range(t.samples),
+                         f"{100 * statistics.median(t.samples) / roof:.0f}%", speedup]
+                        + compare_cells(t, "decode", kv, ctx))
+    out += md_table(["context", "kvcache", "llamanp tok/s", "of roofline", "inplace ÷ this"]
+                    + extra_header,
+                    rows, right_from=2)
+    kv_bytes = 2 * cfg.n_layers * cfg.kv_dim * 4
+    out += ["", "`inplace ÷ this`: how much faster the in-place cache is, per run, side by side.",
+            "", f"Roofline {fmt(L['decode_roofline'])} tok/s (weights only). The KV cache adds "
+            f"{kv_bytes / 1024:.0f} KiB per position of context to every step "
+            f"({kv_bytes * max(rep.plan.contexts) / 1e6:.0f} MB at {max(rep.plan.contexts)}); "
+            "`concat` also copies it once per step."]
+
+    out += ["", "## Load and memory", ""]
+    rows = []
+    t = rep.get("llamanp", "load", "llamanp.load", 0)
+    if t is not None:
+        rows.append(["llamanp.load (mmap + validation)", fmt_range(t.samples) + " ms"])
+    for kv, r in rep.rss.items():
+        if r:
+            hwm = f" (VmHWM {r['vm_hwm_mb']:,.0f} MB)" if r.get("vm_hwm_mb") else ""
+            rows.append([f"peak RSS, {r['tokens']} tokens after a {rep.plan.probe[0]}-token "
+                         f"prompt, kvcache {kv} (fresh process)", f"{r['peak_mb']:,.0f} MB{hwm}"])
+            rows.append(["  … peak before generating (Python, numpy, llamanp.load)",
+                         f"{r['loaded_mb']:,.0f} MB"])
+    weights_mb = sum(a.nbytes for a in rep.model.file.tensors.values()) / (1 << 20)
+    out += md_table(["what", "value"], rows)
+    out += ["", f"The weights are {weights_mb:,.0f} MiB of the memory-mapped file; they count in "
+            "RSS once read (file-backed pages, shared with the page cache)."]
+    if rep.notes:
+        out += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
+    return "\n".join(out) + "\n"
+
+
+def write_csv(rep: Report, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for (engine, section, mode, size), t in rep.tasks.items():
+            med, lo, hi = stats(t.samples)
+            roof = frac = ""
+            ratios = {}
+            if engine == "llamanp" and section in ("prefill", "decode"):
+                r = roofline(rep, section, mode, size)
+                roof, frac = f"{r:.6g}", f"{med / r:.4f}"
+                for e in ENGINES[1:]:
+                    o = rep.other(e, section, mode, size) if e in rep.engines else None
+                    ratios[e] = paired_ratio(t.samples, o.samples) if o else None
+            cells = [engine, section, mode, size, t.unit, len(t.samples), f"{med:.6g}",
+                     f"{lo:.6g}", f"{hi:.6g}", roof, frac]
+            for e in ENGINES[1:]:
+                r = ratios.get(e)
+                cells += [f"{r[0]:.4f}", f"{r[1]:.4f}", f"{r[2]:.4f}"] if r else ["", "", ""]
+            w.writerow(cells + [";".join(f"{x:.6g}" for x in t.samples)])
+        for kv, r in rep.rss.items():
+            if r:
+                w.writerow(["llamanp", "memory", f"peak RSS {kv}", rep.plan.probe[0], "MB", 1,
+                            f"{r['peak_mb']:.1f}", f"{r['peak_mb']:.1f}", f"{r['peak_mb']:.1f}"]
+                           + [""] * 8 + [f"{r['peak_mb']:.1f}"])
+
+
+def plot(rep: Report, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def plain_log_axis(axis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+
+    colours = {"inplace": "tab:blue", "concat": "tab:orange", "none": "tab:red",
+               "batched": "tab:blue", "fill1": "tab:green",
+               "transformers": "tab:gray", "llama-cpp": "tab:purple"}
+    fig, (ax_d, ax_p) = plt.subplots(1, 2, figsize=(11, 5.6))
+
+    def series(ax, tasks, xs, label, colour, style="-o"):
+        pts = [(x, stats(t.samples)) for x, t in zip(xs, tasks) if t is not None]
+        if not pts:
+            return
+        x = [p[0] for p in pts]
+        med = np.array([p[1][0] for p in pts])
+        lo = med - np.array([p[1][1] for p in pts])
+        hi = np.array([p[1][2] for p in pts]) - med
+        ax.errorbar(x, med, yerr=[lo, hi], fmt=style, color=colour, label=label,
+                    capsize=3, markersize=4, linewidth=1.5)
+
+    ctxs = list(rep.plan.contexts)
+    for kv in STRATEGIES:
+        series(ax_d, [rep.get("llamanp", "decode", kv, c) for c in ctxs], ctxs,
+               f"llamanp, kvcache {kv}", colours[kv])
+    for e in rep.engines:
+        mode = {"transformers": "DynamicCache", "llama-cpp": "llama.cpp"}[e]
+        series(ax_d, [rep.get(e, "decode", mode, c) for c in ctxs], ctxs, f"{e} ({mode})",
+               colours[e], "--s")
+    # what the in-place cache buys, in words: per-run ratios at each context
+    lines = []
+    for c in ctxs:
+        ours = rep.get("llamanp", "decode", "inplace", c)
+        parts = []
+        for kv in ("concat", "none"):
+            other = rep.get("llamanp", "decode", kv, c)
+            if ours is not None and other is not None:
+                parts.append(f"{paired_ratio(ours.samples, other.samples)[0]:.2f}× {kv}")
+        if parts:
+            lines.append(f"at {c}: " + ", ".join(parts))
+    if lines:
+        ax_d.text(0.98, 0.03, "tok/s of inplace ÷ other\n" + "\n".join(lines),
+                  transform=ax_d.transAxes, ha="right", va="bottom", fontsize=8,
+                  bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, edgecolor="0.8"))
+    ax_d.axhline(rep.limits["decode_roofline"], color="black", linestyle=":", linewidth=1,
+                 label="bandwidth roofline")
+    ax_d.set_yscale("log")
+    plain_log_axis(ax_d.yaxis)
+    ax_d.set_xticks(ctxs)
+    ax_d.set_xlabel("context (tokens before the decoded one)")
+    ax_d.set_ylabel("decode tok/s (log)")
+    ax_d.set_title("Decode: what the KV cache buys")
+    ax_d.grid(True, which="both", alpha=0.3)
+    ax_d.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+
+    lens = list(rep.plan.prompt_lens)
+    for mode in ("batched", "fill1"):
+        series(ax_p, [rep.get("llamanp", "prefill", mode, n) for n in lens], lens,
+               f"llamanp, {'batched' if mode == 'batched' else 'one at a time'}", colours[mode])
+        for e in rep.engines:
+            series(ax_p, [rep.get(e, "prefill", mode, n) for n in lens], lens,
+                   f"{e}, {'batched' if mode == 'batched' else 'one at a time'}",
+                   colours[e], "--s" if mode == "batched" else ":^")
+    ax_p.plot(lens, [roofline(rep, "prefill", "batched", n) for n in lens], color="black",
+              linestyle="--", linewidth=1, label="compute roofline")
+    ax_p.axhline(rep.limits["decode_roofline"], color="black", linestyle=":", linewidth=1,
+                 label="bandwidth roofline")
+    ax_p.set_xscale("log", base=2)
+    ax_p.set_yscale("log")
+    plain_log_axis(ax_p.yaxis)
+    ax_p.set_xticks(lens)
+    ax_p.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_p.xaxis.set_minor_formatter(NullFormatter())
+    ax_p.set_xlabel("prompt tokens")
+    ax_p.set_ylabel("prefill tok/s (log)")
+    ax_p.set_title("Prefill: one batch vs one token at a time")
+    ax_p.grid(True, which="both", alpha=0.3)
+    ax_p.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --- the program ---------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LlamanpError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise LlamanpError(f"{what} must be integers >= 0, got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="bench/bench.py",
+                       description="Prefill and decode speed of llamanp per KV-cache strategy, "
+                                   "next to the machine's roofline (and transformers, llama.cpp).")
+    p.add_argument("-w", "--weights", required=True, help="the model, .lmw")
+    p.add_argument("--runs", type=int, help="runs per figure (default 5; --quick 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer lengths and runs (prompts 16,128,512, one-at-a-time up to 128; "
+                        "contexts 0,512; 256 MB machine arrays)")
+    p.add_argument("--csv", help="write every figure to this CSV file")
+    p.add_argument("--plot", help="draw decode and prefill tok/s to this PNG (needs matplotlib)")
+    p.add_argument("--compare", action="append", default=[],
+                   choices=["transformers", "llama-cpp"],
+                   help="also run the same workload through this engine (repeatable)")
+    p.add_argument("--threads", type=int,
+                   help="BLAS threads for numpy (and torch / llama.cpp threads); "
+                        "default: as the libraries start")
+    p.add_argument("--prompt-lens", help="prefill prompt lengths, e.g. 16,128,512,1024")
+    p.add_argument("--fill1-max", type=int,
+                   help="longest prompt also fed one token at a time (default 1024; --quick 128)")
+    p.add_argument("--contexts", help="decode context positions, e.g. 0,512,1024,2048")
+    p.add_argument("--steps", type=int, help="decode steps per measurement (default 16)")
+    p.add_argument("--none-max", type=int, default=512,
+                   help="longest context for kvcache none, which recomputes it every step "
+                        "(default 512)")
+    p.add_argument("--machine-mb", type=int,
+                   help="size of the bandwidth-test array in MiB (default 1024; --quick 256)")
+    p.add_argument("--settle", type=float, default=0.1,
+                   help="seconds to pause when the engine changes (default 0.1)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up pass before the measured runs")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
+    hf = p.add_argument_group("--compare transformers")
+    hf.add_argument("--hf-gguf", help="the GGUF for transformers to load (default: the one "
+                                      "the model was converted from, if it lies beside it)")
+    hf.add_argument("--hf-dir", help="a Hugging Face model directory for transformers instead")
+    hf.add_argument("--hf-fill1-max", type=int, default=128,
+                    help="longest prompt transformers also feeds one token at a time (default 128)")
+    hf.add_argument("--hf-context-max", type=int,
+                    help="longest decode context for transformers (default: all; --quick 0)")
+    lc = p.add_argument_group("--compare llama-cpp")
+    lc.add_argument("--llama-gguf", help="an F32 GGUF of the same model for llama.cpp "
+                                         "(default: MODEL.f32.gguf beside the .lmw)")
+    # the peak-RSS child process
+    p.add_argument("--rss-probe", choices=STRATEGIES, help=argparse.SUPPRESS)
+    p.add_argument("--probe-prompt", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--probe-gen", type=int, default=16, help=argparse.SUPPRESS)
+    return p
+
+
+@dataclass
+class Plan:
+    prompt_lens: tuple
+    fill1_max: int
+    contexts: tuple
+    steps: int
+    none_steps: int
+    none_max: int
+    runs: int
+    machine_mb: int
+    sgemm_n: int
+    probe: tuple
+    hf_fill1_max: int
+    hf_context_max: int
+
+
+def make_plan(args, limit: int, notes: list) -> Plan:
+    d = QUICK if args.quick else FULL
+    lens = parse_ints(args.prompt_lens, "--prompt-lens") if args.prompt_lens else d["prompt_lens"]
+    ctxs = parse_ints(args.contexts, "--contexts") if args.contexts else d["contexts"]
+    steps = args.steps or d["steps"]
+    if args.runs is not None and args.runs < 1:
+        raise LlamanpError(f"--runs must be >= 1, got {args.runs}")
+    if steps < 1:
+        raise LlamanpError(f"--steps must be >= 1, got {steps}")
+    keep = tuple(n for n in lens if 0 < n <= limit)
+    if keep != lens:
+        notes.append(f"prompt lengths {[n for n in lens if n not in keep]} skipped: beyond the "
+                     f"model's max_seq_len {limit}")
+    keep_c = tuple(c for c in ctxs if max(c, 1) + steps <= limit)
+    if keep_c != ctxs:
+        notes.append(f"decode contexts {[c for c in ctxs if c not in keep_c]} skipped: with "
+                     f"{steps} steps they pass the model's max_seq_len {limit}")
+    if not keep or not keep_c:
+        raise LlamanpError(f"nothing to measure within the model's max_seq_len {limit}; "
+                           "give smaller --prompt-lens / --contexts / --steps")
+    prompt, gen = d["probe"]
+    prompt = max(1, min(prompt, limit - gen))
+    gen = min(gen, limit - prompt)
+    return Plan(prompt_lens=keep, fill1_max=args.fill1_max if args.fill1_max is not None
+                else d["fill1_max"], contexts=keep_c, steps=steps,
+                none_steps=max(2, steps // 4), none_max=args.none_max,
+                runs=args.runs or d["runs"], machine_mb=args.machine_mb or d["machine_mb"],
+                sgemm_n=d["sgemm_n"], probe=(prompt, gen),
+                hf_fill1_max=args.hf_fill1_max,
+                hf_context_max=args.hf_context_max if args.hf_context_max is not None
+                else (0 if args.quick else 1 << 30))
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("-w", "--weights", required=True)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--prompt-lens", default="16,128,512")
-    p.add_argument("--contexts", default="0,128,512,1024")
-    p.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
-    p.add_argument("--none-max", type=int, default=256,
-                   help="skip the no-cache strategy beyond this context (it is O(n^2))")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LlamanpError(f"--threads must be >= 1, got {args.threads}")
+        if not threads.set_threads(args.threads, reexec=True):
+            raise LlamanpError(f"could not set the BLAS threads to {args.threads} "
+                               "(no threadpoolctl, no known BLAS symbol)")
+    if args.rss_probe:
+        return rss_probe(args)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     model = llamanp.load(args.weights)
-    load_s = time.perf_counter() - t0
-    cfg, rng = model.config, np.random.default_rng(0)
-    limit = cfg.max_seq_len
-    print(f"{args.weights}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; "
-          f"opened in {load_s * 1000:.0f} ms; median of {args.runs} runs [min-max]")
+    first_load_ms = (time.perf_counter() - t0) * 1000
+    cfg = model.config
+    notes: list = []
+    plan = make_plan(args, cfg.max_seq_len, notes)
+    n_threads = threads.get_threads()
+    blas = threads.blas_library()
+    layers_p, output_p = matrix_parameters(cfg)
+    n_params = sum(a.size for a in model.file.tensors.values())
+    load_avg0 = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    print(f"\n{'prefill':<28}{'tok/s':>9}")
-    for n in (int(x) for x in args.prompt_lens.split(",")):
-        if n > limit:
-            continue
-        ids = rng.integers(0, cfg.vocab_size, n).tolist()
-        for fill1 in (False, True):
-            rates = [prefill_rate(model, ids, "inplace", fill1) for _ in range(args.runs)]
-            print(f"  {n:>5} tokens, {'one at a time' if fill1 else 'batched':<14}"
-                  f"{summarise(rates)}")
+    command = " ".join(["python bench/bench.py"] + [
+        a if a and all(c.isalnum() or c in "-_./=,:" for c in a) else repr(a)
+        for a in (sys.argv[1:] if argv is None else argv)])
+    header = [f"# llamanp benchmark: {Path(args.weights).name}", "",
+              f"- command: `{command}`",
+              f"- model: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
+              f"({cfg.n_kv_heads} kv) × {cfg.head_dim}, hidden {cfg.hidden_dim}, vocab "
+              f"{cfg.vocab_size}, {'tied' if cfg.tied_embeddings else 'untied'} embeddings; "
+              f"{n_params / 1e6:,.1f} M parameters, float32",
+              f"- machine: {cpu_name()}, {os.cpu_count()} CPUs; "
+              f"Python {platform.python_version()}, "
+              f"numpy {np.__version__}, BLAS {Path(blas).name if blas else 'unknown'} with "
+              f"{n_threads if n_threads else '?'} thread{'' if n_threads == 1 else 's'}"
+              + (f", set by --threads through {threads.method()}" if args.threads else ""),
+              f"- every figure: median of {plan.runs} run{'s' if plan.runs > 1 else ''} "
+              "[min–max], all configurations "
+              "interleaved round-robin; ratios: median [min–max] of the per-run ratios"]
 
-    print(f"\n{'decode':<28}{'tok/s':>9}")
-    for ctx in (int(x) for x in args.contexts.split(",")):
-        if ctx + args.steps + 1 > limit:
-            continue
-        for kv in llamanp.kvcache.STRATEGIES:
-            if kv == "none" and ctx > args.none_max:
+    rss = {}
+    if not args.no_rss:   # first, while this process is small: a child's ru_maxrss
+        say("peak RSS probes ...")   # starts from its parent's at the fork
+        for kv in ("inplace", "concat") if not args.quick else ("inplace",):
+            rss[kv] = measure_rss(args.weights, kv, *plan.probe)
+
+    rng_seed = 0
+    tasks = machine_tasks(cfg, plan)
+    tasks += llamanp_tasks(model, args.weights, plan, np.random.default_rng(rng_seed))
+    engines = []
+    for engine in dict.fromkeys(args.compare):
+        if engine == "transformers":
+            if importlib.util.find_spec("transformers") is None or \
+                    importlib.util.find_spec("torch") is None:
+                say("--compare transformers: transformers / torch are not installed "
+                    "(pip install torch transformers accelerate gguf); skipped")
+                notes.append("transformers was asked for but is not installed: skipped")
                 continue
-            rates = [decode_rate(model, ctx, kv, args.steps, rng) for _ in range(args.runs)]
-            print(f"  at {ctx:>5}, kvcache {kv:<9}    {summarise(rates)}")
+            os.environ.setdefault("TQDM_DISABLE", "1")   # transformers' GGUF progress bars
+            import torch
+            torch.set_num_threads(args.threads or n_threads or os.cpu_count() or 1)
+            say("loading the transformers model ...")
+            hf, where = load_transformers(args, model)
+            diff = transformers_check(hf, model, cfg.vocab_size)
+            import transformers
+            header.append(f"- transformers {transformers.__version__} / torch "
+                          f"{torch.__version__}, LlamaForCausalLM float32 "
+                          f"({hf.config._attn_implementation} attention, "
+                          f"{torch.get_num_threads()} torch threads), from {where}; "
+                          f"max |logits diff| vs llamanp on 16 tokens: {diff:.2g}")
+            tasks += transformers_tasks(hf, plan, rng_seed, cfg.vocab_size)
+            engines.append("transformers")
+        elif engine == "llama-cpp":
+            if importlib.util.find_spec("llama_cpp") is None:
+                say("--compare llama-cpp: the llama_cpp package is not installed; skipped. To "
+                    "compare, `pip install llama-cpp-python` (it compiles llama.cpp: minutes), "
+                    f"then `python bench/lmw_to_gguf.py {args.weights} "
+                    f"{Path(args.weights).with_suffix('.f32.gguf')}` and run again")
+                notes.append("llama.cpp was asked for but llama-cpp-python is not installed: "
+                             "skipped (pip install llama-cpp-python)")
+                continue
+            gguf = Path(args.llama_gguf) if args.llama_gguf else \
+                Path(args.weights).with_suffix(".f32.gguf")
+            if not gguf.exists():
+                say(f"--compare llama-cpp: no F32 GGUF at {gguf}; make one with `python "
+                    f"bench/lmw_to_gguf.py {args.weights} {gguf}` (or give --llama-gguf); skipped")
+                notes.append(f"llama.cpp skipped: no F32 GGUF ({gguf})")
+                continue
+            say("loading the model in llama.cpp ...")
+            n_ctx = max(max(plan.prompt_lens), max(plan.contexts) + plan.steps + 1)
+            llm = load_llama_cpp(gguf, n_ctx, max(plan.prompt_lens),
+                                 args.threads or n_threads or os.cpu_count() or 1)
+            diff = llama_cpp_check(llm, model, cfg.vocab_size)
+            import llama_cpp
+            header.append(f"- llama-cpp-python {getattr(llama_cpp, '__version__', '?')} on "
+                          f"{gguf.name}" + (f"; max |last logits diff| vs llamanp: {diff:.2g}"
+                                            if diff is not None else ""))
+            tasks += llama_cpp_tasks(llm, plan, rng_seed, cfg.vocab_size)
+            engines.append("llama-cpp")
+
+    say(f"{len(tasks)} configurations × {plan.runs} runs, round-robin ...")
+    run_round_robin(tasks, plan.runs, args.settle, not args.no_warmup)
+    if load_avg0 is not None:
+        la = os.getloadavg()
+        header.append(f"- load average at start / end: {load_avg0[0]:.2f} / {la[0]:.2f} "
+                      f"(a busy machine lowers every figure; the ratios are side by side)")
+    notes.append(f"first llamanp.load in this process: {first_load_ms:.1f} ms")
+
+    rep = Report(model, args.weights, plan, {t.key: t for t in tasks}, engines, notes,
+                 header, rss)
+    compute_limits(rep)
+    text = render(rep)
+    print(text, end="")
+    if args.csv:
+        write_csv(rep, args.csv)
+        say(f"wrote {args.csv}")
+    if args.plot:
+        if importlib.util.find_spec("matplotlib") is None:
+            print("\nmatplotlib is not installed (pip install 'llamanp[bench]'): "
+                  "no plot drawn.")
+        else:
+            plot(rep, args.plot, f"llamanp on {Path(args.weights).name} — {cpu_name()}, "
+                                 f"{os.cpu_count()} CPUs, {n_threads or '?'} BLAS "
+                                 f"thread{'' if n_threads == 1 else 's'}, median of {plan.runs} "
+                                 f"run{'' if plan.runs == 1 else 's'} (bars: min–max)")
+            say(f"wrote {args.plot}")
     return 0
 
 

@@ -103,6 +103,9 @@ def build_parser() -> ArgumentParser:
                    help="same as --kvcache inplace")
     r.add_argument("--fill1", action="store_true",
                    help="prefill the prompt one token at a time instead of one batch")
+    r.add_argument("--threads", type=int, metavar="N",
+                   help="threads for the matrix products (NumPy's BLAS; default: its own "
+                        "choice, usually one per core)")
     r.add_argument("--batch", action="store_true",
                    help="with -f: one prompt per line, all generated together in one batch "
                         "(one forward pass per step for all of them)")
@@ -208,6 +211,7 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     kvcache = kvcache_choice(args)
     check_args(args)
+    apply_threads(args.threads)
     if args.perplexity is not None or args.ctx is not None or args.stride is not None:
         return run_perplexity(args)
     if args.chat:
@@ -243,6 +247,17 @@ def write_stats(args, stats: dict) -> None:
             Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
         except OSError as e:
             raise LlamanpError(f"cannot write {args.stats_json}: {e.strerror}") from None
+
+
+def apply_threads(n: Optional[int]) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise LlamanpError(f"--threads must be >= 1, got {n}")
+    from .threads import set_threads
+    if not set_threads(n):
+        print(f"note: could not set the BLAS thread count to {n}; using its default",
+              file=sys.stderr)
 
 
 def check_seqlength(args, model: Model) -> None:

@@ -97,7 +97,7 @@ _CHATML_END = "<|im_end|>"           # a stop id when the chat template uses it
 # -- GPT-2's byte <-> unicode table ----------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's table: printable Latin-1 bytes stand for themselves, the other
     68 bytes for the code points from U+0100 on, in byte order."""
     printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
@@ -110,7 +110,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _raw_bytes(token: str) -> Optional[bytes]:
@@ -766,7 +766,7 @@ def _hf_byte_level(path: Path, tj: dict, config: dict, template, gen_eos) -> Tok
     for i, t in vocab.items():
         ids_by_text.setdefault(t, i)
     if model.get("unk_token") is not None:
-        missing = [b for b, c in _bytes_to_unicode().items() if c not in ids_by_text]
+        missing = [b for b, c in bytes_to_unicode().items() if c not in ids_by_text]
         if missing:
             raise LlamanpError(f"{source}: the vocabulary lacks byte 0x{missing[0]:02x} and "
                                "names an unk_token for it, which llamanp does not support")

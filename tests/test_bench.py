@@ -1,0 +1,279 @@
+"""bench/bench.py end to end on a tiny model, bench/lmw_to_gguf.py round trips,
+and llamanp.threads."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, case
+
+import llamanp
+from llamanp import threads
+
+# written straight in the .lmw format (no converter run): GQA 6/2, max_seq_len 128
+BENCH_CASE = case("lmw-bench-gqa6_2", "gqa6_2_theta5e5", "lmw")
+# with the test SentencePiece tokenizer embedded
+TOK_CASE = case("lmw-bench-tok-mha3", "mha3_untied_eps6", "lmw", tokenizer=True)
+
+
+def test_bench_quick_writes_table_csv_and_plot(store, tmp_path):
+    lmw = store.lmw(BENCH_CASE)
+    out_csv, out_png = tmp_path / "b.csv", tmp_path / "b.png"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "-w", str(lmw),
+                           "--quick", "--runs", "1", "--csv", str(out_csv), "--plot",
+                           str(out_png), "--machine-mb", "64"],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    took = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    print(out)
+    print(f"bench --quick --runs 1 on the tiny model took {took:.1f} s")
+    for heading in ("## Machine limits", "## Prefill", "## Decode", "## Load and memory"):
+        assert heading in out, heading
+    for word in ("inplace", "concat", "none", "one at a time", "batched", "roofline",
+                 "peak RSS", "llamanp.load", "inplace ÷ this"):
+        assert word in out, word
+    # the tiny model's max_seq_len (128) leaves out the long prompts and contexts, saying so
+    assert "skipped: beyond the model's max_seq_len 128" in out
+
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == (
+        "engine", "section", "mode", "size", "unit", "runs", "median", "min", "max",
+        "roofline", "fraction_of_roofline", "vs_transformers", "vs_transformers_min",
+        "vs_transformers_max", "vs_llama_cpp", "vs_llama_cpp_min", "vs_llama_cpp_max", "samples")
+    got = {(r["engine"], r["section"], r["mode"], r["size"]) for r in rows}
+    for key in [("llamanp", "prefill", "batched", "16"), ("llamanp", "prefill", "fill1", "16"),
+                ("llamanp", "decode", "inplace", "0"), ("llamanp", "decode", "concat", "0"),
+                ("llamanp", "decode", "none", "0"), ("llamanp", "load", "llamanp.load", "0")]:
+        assert key in got, key
+    assert any(r["section"] == "machine" and r["unit"] == "GB/s" for r in rows)
+    assert any(r["section"] == "machine" and r["unit"] == "GFLOP/s" for r in rows)
+    assert any(r["section"] == "memory" for r in rows)
+    for r in rows:
+        assert float(r["median"]) > 0 and r["runs"] == "1", r
+        assert float(r["samples"]) == float(r["median"]), r   # one run: one sample
+        if r["engine"] == "llamanp" and r["section"] in ("prefill", "decode"):
+            assert float(r["roofline"]) > 0 and float(r["fraction_of_roofline"]) > 0, r
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed" in out and not out_png.exists()
+
+
+def test_bench_bad_arguments_are_one_line(store, tmp_path):
+    lmw = store.lmw(BENCH_CASE)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "-w", str(lmw),
+                           "--prompt-lens", "4096", "--contexts", "4096"],
+                          capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: nothing to measure"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_set_threads_changes_what_get_threads_reports():
+    before = threads.get_threads()
+    if before is None:
+        pytest.skip("this NumPy's BLAS does not tell its thread count (no threadpoolctl, no "
+                    "OpenBLAS/MKL/BLIS symbol found), so set_threads cannot be checked")
+    try:
+        assert threads.set_threads(1) is True
+        assert threads.get_threads() == 1
+        assert threads.method() in ("threadpoolctl",) or threads.method().startswith("ctypes")
+        a = np.ones((64, 64), np.float32)
+        assert float((a @ a)[0, 0]) == 64.0      # BLAS still works with one thread
+        assert threads.set_threads(2) is True
+        assert threads.get_threads() == 2
+    finally:
+        threads.set_threads(before)
+    assert threads.get_threads() == before
+    with pytest.raises(ValueError):
+        threads.set_threads(0)
+
+
+def test_set_threads_before_numpy_uses_the_environment():
+    """In a fresh interpreter, before NumPy is imported, the environment
+    route is taken, and NumPy's BLAS then starts with that many threads."""
+    path = str(REPO / "llamanp" / "threads.py")
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('t', {path!r})\n"
+        "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t)\n"
+        "assert 'numpy' not in sys.modules\n"
+        "print(t.set_threads(1), t.method())\n"
+        "import numpy\n"
+        "print(t.get_threads())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("\n")[:2]
+    assert first == "True environment"
+    assert second in ("1", "None"), proc.stdout   # None: a BLAS that does not tell
+
+
+# --- bench/lmw_to_gguf.py ---------------------------------------------------------
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
+                                reason="the gguf package is not installed")
+
+
+def lmw_to_gguf(src, dst, *extra):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "lmw_to_gguf.py"), str(src),
+                           str(dst), *map(str, extra)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def convert_back(gguf_path, out):
+    proc = subprocess.run([sys.executable, str(REPO / "convert.py"), str(gguf_path), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return llamanp.load(str(out))
+
+
+@needs_gguf
+@pytest.mark.parametrize("spec", ["gqa4_2_hd24", "llama31_scaled_theta1e4", "mqa3_1_tied_eps6"])
+def test_lmw_to_gguf_round_trips_through_llamanps_gguf_reader(store, tmp_path, spec):
+    """lmw -> F32 GGUF -> lmw gives back the same config and the same tensors
+    (q/k stay in the interleaved layout GGUF uses; Llama 3.1 scaling goes out
+    as rope_freqs and comes back)."""
+    src = store.lmw(case(f"lmw-bench-{spec}", spec, "lmw"))
+    gguf_path = tmp_path / "m.gguf"
+    lmw_to_gguf(src, gguf_path)
+    a, b = llamanp.load(str(src)), convert_back(gguf_path, tmp_path / "back.lmw")
+    # GGUF keeps norm_eps and rope_theta as float32
+    assert np.float32(b.config.norm_eps) == np.float32(a.config.norm_eps)
+    assert np.float32(b.config.rope_theta) == np.float32(a.config.rope_theta)
+    assert dataclasses.replace(b.config, norm_eps=a.config.norm_eps,
+                               rope_theta=a.config.rope_theta) == a.config
+    assert a.file.tensors.keys() == b.file.tensors.keys()
+    for name, t in a.file.tensors.items():
+        assert np.array_equal(t, b.file.tensors[name]), name
+
+
+@needs_gguf
+def test_lmw_to_gguf_loads_in_transformers_with_the_same_logits(store, tmp_path):
+    """transformers reads the written GGUF as llama.cpp would (it un-permutes
+    q/k from GGUF's layout) and computes llamanp's logits."""
+    pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from test_gguf import transformers_from_gguf
+    src = store.lmw(case("lmw-bench-gqa4_2", "gqa4_2", "lmw"))
+    gguf_path = tmp_path / "m.gguf"
+    lmw_to_gguf(src, gguf_path)
+    m = llamanp.load(str(src))
+    hf = transformers_from_gguf(gguf_path)
+    ids = list(range(1, 20))
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    assert float(np.abs(m.logits(ids) - want).max()) < 1e-4
+
+
+@needs_gguf
+def test_lmw_to_gguf_carries_a_sentencepiece_tokenizer(store, tmp_path):
+    src = store.lmw(TOK_CASE)
+    gguf_path = tmp_path / "m.gguf"
+    lmw_to_gguf(src, gguf_path)
+    a, b = llamanp.load(str(src)), convert_back(gguf_path, tmp_path / "back.lmw")
+    text = "Once upon a time, a tiny model 123 said: héllo!"
+    assert b.tokenizer is not None
+    assert b.tokenizer.encode(text, bos=True) == a.tokenizer.encode(text, bos=True)
+    ids = a.tokenizer.encode(text, bos=False)
+    assert b.tokenizer.decode(ids) == a.tokenizer.decode(ids)
+    assert (b.file.tokenizer.bos_id, b.file.tokenizer.eos_id) == \
+        (a.file.tokenizer.bos_id, a.file.tokenizer.eos_id)
+
+
+FAKE_LLAMA_CPP = '''
+"""A stand-in for llama-cpp-python with the calls bench.py makes (it counts
+tokens instead of computing), so that the --compare llama-cpp plumbing runs
+without compiling llama.cpp."""
+import numpy as np
+__version__ = "0.0-fake"
+
+
+class Llama:
+    def __init__(self, model_path, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=None,
+                 n_threads_batch=None, logits_all=False, verbose=True):
+        with open(model_path, "rb") as f:
+            assert f.read(4) == b"GGUF", model_path
+        self.n_ctx, self.n_batch, self.n_tokens = n_ctx, n_batch, 0
+        self.scores = np.zeros((n_ctx, 8), np.float32)
+
+    def reset(self):
+        self.n_tokens = 0
+
+    def eval(self, tokens):
+        assert self.n_tokens + len(tokens) <= self.n_ctx, "context overflow"
+        self.n_tokens += len(tokens)
+'''
+
+
+@needs_gguf
+def test_bench_compare_llama_cpp_plumbing_with_a_stand_in(store, tmp_path):
+    lmw = store.lmw(BENCH_CASE)
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    base = [sys.executable, str(REPO / "bench" / "bench.py"), "-w", str(lmw), "--quick",
+            "--runs", "1", "--machine-mb", "16", "--no-rss", "--compare", "llama-cpp"]
+    env = dict(__import__("os").environ, PYTHONPATH=str(fake))
+    # without the F32 GGUF: says how to make one and skips
+    gguf_path = tmp_path / "m.f32.gguf"
+    proc = subprocess.run(base + ["--llama-gguf", str(gguf_path)], capture_output=True,
+                          text=True, timeout=120, cwd=str(REPO), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench/lmw_to_gguf.py" in proc.stderr and "llama.cpp skipped" in proc.stdout
+    lmw_to_gguf(lmw, gguf_path)
+    out_csv = tmp_path / "c.csv"
+    proc = subprocess.run(base + ["--llama-gguf", str(gguf_path), "--csv", str(out_csv)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "llama-cpp-python 0.0-fake" in proc.stdout
+    assert "llamanp / llama-cpp" in proc.stdout
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["engine"] == "llama-cpp" and r["section"] == "decode" for r in rows)
+    assert all(r["vs_llama_cpp"] for r in rows
+               if r["engine"] == "llamanp" and r["section"] == "prefill"
+               and (r["mode"], r["size"]) in {("batched", "16"), ("fill1", "16")})
+
+
+@needs_gguf
+def test_bench_compare_transformers_on_a_tiny_model(store, tmp_path):
+    """--compare transformers through --hf-gguf (an F32 GGUF of the same
+    weights), with --threads: the table gets transformers columns, the
+    logits agree, and the CSV carries the ratios."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    lmw = store.lmw(BENCH_CASE)
+    gguf_path = tmp_path / "m.f32.gguf"
+    lmw_to_gguf(lmw, gguf_path)
+    out_csv = tmp_path / "t.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "-w", str(lmw),
+                           "--quick", "--runs", "1", "--machine-mb", "16", "--no-rss",
+                           "--threads", "1", "--compare", "transformers", "--hf-gguf",
+                           str(gguf_path), "--csv", str(out_csv)],
+                          capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "llamanp / transformers" in out and "transformers tok/s" in out
+    assert "with 1 thread, set by --threads" in out, out[:2000]
+    diff = float(out.split("max |logits diff| vs llamanp on 16 tokens: ")[1].split()[0])
+    assert diff < 1e-3
+    with open(out_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r["engine"] == "transformers" and r["section"] == "decode" for r in rows)
+    batched16 = [r for r in rows if (r["engine"], r["section"], r["mode"], r["size"])
+                 == ("llamanp", "prefill", "batched", "16")]
+    assert batched16 and float(batched16[0]["vs_transformers"]) > 0
