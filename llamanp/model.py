@@ -8,10 +8,11 @@ Data flow (one call of Model.forward over T new tokens at positions p..p+T-1):
         x += w2 · (silu(w1 · h) * (w3 · h))          h = rmsnorm(x)
     logits = output · rmsnorm(x)
 
-Weights are read-only views into the memory-mapped .lmw file; everything that
-does not depend on the tokens (RoPE tables, weight views, head splits) is
-prepared once at load time, so the per-token work is a handful of large NumPy
-calls.
+Weights are read-only views into the memory-mapped .lmw file (f32 files), or
+are widened to float32 one layer at a time into buffers reused for every layer
+(f16 / bf16 / q8_0 files). Everything that does not depend on the tokens (RoPE
+tables, weight views, buffers) is prepared once at load time, so the per-token
+work is a handful of large NumPy calls.
 """
 
 from __future__ import annotations
