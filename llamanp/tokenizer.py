@@ -32,7 +32,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from .errors import LlamanpError
 
@@ -566,27 +566,33 @@ class TiktokenTokenizer(Tokenizer):
         return _ByteStream(self)
 
 
-def _bpe(piece: bytes, ranks: dict[bytes, int], whole: bool = True) -> list[int]:
-    """tiktoken's byte-pair encoding of one piece, in Python (for the rare slow path).
-
-    With `whole`, a piece that is itself a token is that token. Otherwise the
-    adjacent pair whose concatenation has the lowest rank merges first, the
-    leftmost among equals, until no pair is a token.
-    """
-    if whole and piece in ranks:
-        return [ranks[piece]]
+def merge_pairs(piece: bytes, rank_of: Callable[[bytes, bytes], Optional[int]]) -> list[bytes]:
+    """Byte-pair merging of one piece: start from single bytes and, while some
+    adjacent pair has a rank, merge the pair with the lowest rank (the leftmost
+    among equals). `rank_of(left, right)` gives a pair's rank or None."""
     parts = [piece[i:i + 1] for i in range(len(piece))]
     while len(parts) > 1:
         best = None
         for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
+            rank = rank_of(parts[i], parts[i + 1])
             if rank is not None and (best is None or rank < best[0]):
                 best = (rank, i)
         if best is None:
             break
         i = best[1]
         parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return [ranks[p] for p in parts]
+    return parts
+
+
+def _bpe(piece: bytes, ranks: dict[bytes, int], whole: bool = True) -> list[int]:
+    """tiktoken's byte-pair encoding of one piece, in Python (for the rare slow path).
+
+    With `whole`, a piece that is itself a token is that token. Otherwise pairs
+    merge by the rank of their concatenation, as tiktoken does.
+    """
+    if whole and piece in ranks:
+        return [ranks[piece]]
+    return [ranks[p] for p in merge_pairs(piece, lambda a, b: ranks.get(a + b))]
 
 
 def load_tokenizer(path) -> Tokenizer:

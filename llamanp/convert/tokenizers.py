@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import LlamanpError
-from ..tokenizer import LLAMA3_PATTERN, TokenizerData, read_tokenizer_file
+from ..tokenizer import LLAMA3_PATTERN, TokenizerData, merge_pairs, read_tokenizer_file
 
 __all__ = ["tokenizer_from_hf_files", "tokenizer_from_gguf"]
 
@@ -278,18 +278,7 @@ def _byte_level_ranks(source, vocab, added, merges, ignore_merges):
 
 def _merge_list_bpe(piece: bytes, merge_rank: dict) -> list[bytes]:
     """Hugging Face's BPE on one piece: merge the adjacent pair listed first."""
-    parts = [piece[i:i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best = None
-        for i in range(len(parts) - 1):
-            r = merge_rank.get((parts[i], parts[i + 1]))
-            if r is not None and (best is None or r < best[0]):
-                best = (r, i)
-        if best is None:
-            break
-        i = best[1]
-        parts[i:i + 2] = [parts[i] + parts[i + 1]]
-    return parts
+    return merge_pairs(piece, lambda a, b: merge_rank.get((a, b)))
 
 
 def _dedupe(ids) -> list[int]:
