@@ -106,6 +106,20 @@ class Task:
         return (self.engine, self.section, self.mode, self.size)
 
 
+
+def prefill_tasks(engine: str, lengths, fill1_max: int, prefill, rng, vocab: int) -> list:
+    """The prefill measurements of one engine: each prompt length fed as one
+    batch, and (up to fill1_max) one token at a time; `prefill(ids, fill1)`
+    returns the function that times one run."""
+    tasks = []
+    for n in lengths:
+        ids = rng.integers(0, vocab, n).tolist()
+        tasks.append(Task(engine, "prefill", "batched", n, "tok/s", prefill(ids, False)))
+        if n <= fill1_max:
+            tasks.append(Task(engine, "prefill", "fill1", n, "tok/s", prefill(ids, True),
+                              warmup=n <= 128))
+    return tasks
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -159,12 +173,7 @@ def llamanp_tasks(model, path: str, plan, rng) -> list[Task]:
             return len(ids) / timed(lambda: s.feed(ids, fill1=fill1))
         return once
 
-    for n in plan.prompt_lens:
-        ids = rng.integers(0, vocab, n).tolist()
-        tasks.append(Task("llamanp", "prefill", "batched", n, "tok/s", prefill(ids, False)))
-        if n <= plan.fill1_max:
-            tasks.append(Task("llamanp", "prefill", "fill1", n, "tok/s", prefill(ids, True),
-                              warmup=n <= 128))
+    tasks += prefill_tasks("llamanp", plan.prompt_lens, plan.fill1_max, prefill, rng, vocab)
 
     def decode(kv, ctx):
         prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
@@ -352,12 +361,8 @@ def transformers_tasks(hf, plan, rng_seed: int, vocab: int) -> list[Task]:
             return len(ids) / timed(run)
         return once
 
-    for n in plan.prompt_lens:
-        ids = rng.integers(0, vocab, n).tolist()
-        tasks.append(Task("transformers", "prefill", "batched", n, "tok/s", prefill(ids, False)))
-        if n <= min(plan.fill1_max, plan.hf_fill1_max):
-            tasks.append(Task("transformers", "prefill", "fill1", n, "tok/s", prefill(ids, True),
-                              warmup=n <= 128))
+    tasks += prefill_tasks("transformers", plan.prompt_lens,
+                           min(plan.fill1_max, plan.hf_fill1_max), prefill, rng, vocab)
 
     def decode(ctx):
         prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
@@ -414,12 +419,7 @@ def llama_cpp_tasks(llm, plan, rng_seed: int, vocab: int) -> list[Task]:
             return len(ids) / timed(lambda: [llm.eval([t]) for t in ids])
         return once
 
-    for n in plan.prompt_lens:
-        ids = rng.integers(0, vocab, n).tolist()
-        tasks.append(Task("llama-cpp", "prefill", "batched", n, "tok/s", prefill(ids, False)))
-        if n <= plan.fill1_max:
-            tasks.append(Task("llama-cpp", "prefill", "fill1", n, "tok/s", prefill(ids, True),
-                              warmup=n <= 128))
+    tasks += prefill_tasks("llama-cpp", plan.prompt_lens, plan.fill1_max, prefill, rng, vocab)
 
     def decode(ctx):
         prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()

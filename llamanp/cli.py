@@ -271,12 +271,17 @@ def refuse_with_chat(args) -> None:
     if args.prompt is not None or args.file is not None:
         raise LlamanpError("--chat reads its messages from the console; drop -i / -f "
                            "(pipe messages into stdin to script it)")
-    for flag, value in (("--beams", args.beams), ("--you-pick", args.you_pick),
-                        ("--logprobs", args.logprobs), ("--max-time", args.max_time),
-                        ("--sampler-history", args.sampler_history), ("--stop", args.stop),
-                        ("--fill1", args.fill1)):
-        if value:
-            raise LlamanpError(f"{flag} cannot be used with --chat")
+    refuse_flags(args, ("beams", "you_pick", "logprobs", "max_time", "sampler_history", "stop",
+                        "fill1"), "{flag} cannot be used with --chat")
+
+
+def refuse_flags(args, names, message: str) -> None:
+    """Refuse the first of the options `names` that was given, with `message`
+    (which names it as {flag}): options that mean nothing in the chosen mode."""
+    for name in names:
+        if getattr(args, name) not in (None, False, [], ()):   # 0 == False: unset too
+            flag = {"prompt": "-i", "file": "-f"}.get(name, "--" + name.replace("_", "-"))
+            raise LlamanpError(message.format(flag=flag))
 
 
 # -- perplexity ----------------------------------------------------------------------
@@ -286,10 +291,8 @@ def run_perplexity(args) -> int:
     from .perplexity import perplexity, read_text, report_stats, report_text, window_args
     if args.perplexity is None:
         raise LlamanpError("--ctx and --stride only apply to --perplexity FILE")
-    for flag, value in (("-i", args.prompt), ("-f", args.file), ("--chat", args.chat),
-                        ("--batch", args.batch), ("--beams", args.beams)):
-        if value not in (None, False):
-            raise LlamanpError(f"--perplexity cannot be combined with {flag}")
+    refuse_flags(args, ("prompt", "file", "chat", "batch", "beams"),
+                 "--perplexity cannot be combined with {flag}")
     text = read_text(args.perplexity)
     model = open_model(args)
     check_seqlength(args, model)
@@ -310,12 +313,8 @@ def run_batch(args, kvcache: str) -> int:
     """-f FILE --batch: every non-empty line is a prompt; all run in one batch."""
     if args.file is None:
         raise LlamanpError("--batch reads one prompt per line from -f FILE")
-    for flag, value in (("--beams", args.beams), ("--you-pick", args.you_pick),
-                        ("--logprobs", args.logprobs), ("--max-time", args.max_time),
-                        ("--sampler-history", args.sampler_history), ("--stop", args.stop),
-                        ("--fill1", args.fill1), ("--mirostat", args.mirostat)):
-        if value:
-            raise LlamanpError(f"{flag} cannot be used with --batch")
+    refuse_flags(args, ("beams", "you_pick", "logprobs", "max_time", "sampler_history", "stop",
+                        "fill1", "mirostat"), "{flag} cannot be used with --batch")
     prompts = [line for line in read_prompt(args).splitlines() if line.strip()]
     if not prompts:
         raise LlamanpError(f"{args.file} has no prompts (one per line)")
