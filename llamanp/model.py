@@ -67,14 +67,6 @@ def swiglu(gate_up: np.ndarray, hidden: int) -> np.ndarray:
     return out
 
 
-def softmax_(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in place (x is overwritten and returned)."""
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
 def rope_frequencies(head_dim: int, theta: float,
                      scaling: Optional[RopeScaling]) -> np.ndarray:
     """The rotation speed (radians per position) of each of head_dim/2 pairs.
@@ -99,44 +91,41 @@ def rope_frequencies(head_dim: int, theta: float,
 
 
 class RopeTable:
-    """cos and sin of position * frequency, computed once and grown on demand."""
+    """The rotation e^(i * position * frequency) of every position and pair,
+    as complex64 [positions, head_dim/2]: computed once, grown on demand."""
 
     def __init__(self, config: Config):
         self.freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.limit = config.max_seq_len
-        self.cos = self.sin = np.zeros((0, len(self.freqs)), np.float32)
+        self.rot = np.zeros((0, len(self.freqs)), np.complex64)
 
-    def get(self, start: int, n: int):
-        """cos, sin for positions start..start+n-1, each [n, 1, head_dim/2]."""
-        end = start + n
-        self._grow(end)
-        return self.cos[start:end, None, :], self.sin[start:end, None, :]
+    def get(self, start: int, n: int) -> np.ndarray:
+        """The rotations of positions start..start+n-1, [n, 1, head_dim/2]."""
+        self._grow(start + n)
+        return self.rot[start:start + n, None, :]
 
-    def at(self, positions: np.ndarray):
-        """cos, sin for arbitrary positions, each [len(positions), 1, head_dim/2]."""
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The rotations of arbitrary positions, [len(positions), 1, head_dim/2]."""
         self._grow(int(positions.max()) + 1)
-        return self.cos[positions, None, :], self.sin[positions, None, :]
+        return self.rot[positions, None, :]
 
     def _grow(self, end: int) -> None:
-        if end > len(self.cos):
-            size = min(max(end, 2 * len(self.cos), 256), max(self.limit, end))
+        if end > len(self.rot):
+            size = min(max(end, 2 * len(self.rot), 256), max(self.limit, end))
+            # angles in float64, so that far positions keep their precision
             angles = np.outer(np.arange(size, dtype=np.float64), self.freqs)
-            self.cos = np.cos(angles).astype(np.float32)
-            self.sin = np.sin(angles).astype(np.float32)
+            self.rot = (np.cos(angles) + 1j * np.sin(angles)).astype(np.complex64)
 
 
-def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def apply_rope(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
 
-    x is [T, heads, head_dim]; this is Meta's layout (HF checkpoints are
-    permuted into it at conversion time).
+    x is [T, heads, head_dim] (its last axis contiguous); this is Meta's layout
+    (HF checkpoints are permuted into it at conversion time). Read as complex
+    numbers a + ib, the rotation of a pair is one complex multiplication:
+    (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos).
     """
-    pairs = x.reshape(*x.shape[:-1], -1, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    out = np.empty_like(pairs)
-    out[..., 0] = a * cos - b * sin
-    out[..., 1] = a * sin + b * cos
-    return out.reshape(x.shape)
+    return (x.view(np.complex64) * rot).view(np.float32)
 
 
 #: queries per block in causal attention: a block only looks at the keys up to
@@ -145,10 +134,18 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 ATTENTION_BLOCK = 128
 
 
-def causal_mask(q_start: int, n_q: int, n_keys: int) -> np.ndarray:
-    """Additive mask [n_q, n_keys]: query at position q_start+t sees keys 0..q_start+t."""
-    q_pos = np.arange(q_start, q_start + n_q)[:, None]
-    return np.where(np.arange(n_keys)[None, :] <= q_pos, np.float32(0), np.float32(-np.inf))
+def future_mask(n: int) -> np.ndarray:
+    """Additive mask [n, n] for n consecutive queries against their own n keys:
+    0 where the key is at or before the query, -inf where it is in its future."""
+    return np.triu(np.full((n, n), -np.inf, np.float32), k=1)
+
+
+def exp_weights_(scores: np.ndarray) -> np.ndarray:
+    """exp(scores - max) over the last axis, in place: softmax without its
+    division. Dividing the (narrow) attention output by the weights' sum
+    afterwards is cheaper than dividing the (wide) weights themselves."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    return np.exp(scores, out=scores)
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
@@ -165,16 +162,44 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     # scale the (small) queries rather than the (large) scores;
     # [T, n_kv, group, hd] -> [n_kv, group, T, hd]
     qg = (q * np.float32(1.0 / math.sqrt(hd))).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)
+    if T == 1:
+        return attend(qg, keys, values).reshape(1, n_heads * hd)
     out = np.empty((T, n_kv, group, hd), np.float32)
     for t0 in range(0, T, ATTENTION_BLOCK):
         t1 = min(T, t0 + ATTENTION_BLOCK)
-        n, seen = t1 - t0, start + t1           # this block sees keys 0..seen-1
-        scores = qg[:, :, t0:t1].reshape(n_kv, group * n, hd) @ keys[:, :seen].transpose(0, 2, 1)
-        if n > 1:   # a single newest token sees everything in the cache: no mask
-            scores.reshape(n_kv, group, n, seen)[...] += causal_mask(start + t0, n, seen)
-        mixed = softmax_(scores) @ values[:, :seen]          # [n_kv, group*n, hd]
-        out[t0:t1] = mixed.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
+        seen = start + t1                        # this block sees keys 0..seen-1
+        out[t0:t1] = attend(qg[:, :, t0:t1], keys[:, :seen],
+                            values[:, :seen]).transpose(2, 0, 1, 3)
     return out.reshape(T, n_heads * hd)
+
+
+def attend(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """One piece of attention: n consecutive queries per head, qg [n_kv, group,
+    n, hd] (scaled), against the keys and values [n_kv, seen, hd] up to the last
+    of them; returns [n_kv, group, n, hd]."""
+    n_kv, group, n, hd = qg.shape
+    seen = keys.shape[1]
+    if n == 1:
+        # one query per head: both products are matrix-vector products, batched
+        # over the heads in one call each; numpy hands each head to BLAS's
+        # gemv, which streams the cache faster than the general matrix
+        # product does for a handful of rows (and streaming the cache is all
+        # that decoding costs at long contexts). No mask: it sees everything.
+        # [n_kv, 1, seen, hd] @ [n_kv, group, hd, 1] -> [n_kv, group, seen, 1]
+        scores = np.matmul(keys[:, None], qg.transpose(0, 1, 3, 2))
+        weights = exp_weights_(scores.reshape(n_kv, group, 1, seen))
+        # [n_kv, group, 1, seen] @ [n_kv, 1, seen, hd] -> [n_kv, group, 1, hd]
+        mixed = np.matmul(weights, values[:, None])
+    else:
+        scores = qg.reshape(n_kv, group * n, hd) @ keys.transpose(0, 2, 1)
+        # every key before the block is in every query's past: only the
+        # block's own n keys need the causal mask
+        scores.reshape(n_kv, group, n, seen)[..., seen - n:] += future_mask(n)
+        weights = exp_weights_(scores)                         # [n_kv, group*n, seen]
+        mixed = (weights @ values).reshape(n_kv, group, n, hd)
+        weights = weights.reshape(n_kv, group, n, seen)
+    mixed /= weights.sum(axis=-1, keepdims=True)
+    return mixed
 
 
 # --- weights ------------------------------------------------------------------------
@@ -330,16 +355,16 @@ class Model:
         H, eps = cfg.hidden_dim, cfg.norm_eps
         n_qk, k_end = cfg.n_heads + cfg.n_kv_heads, cfg.q_dim + cfg.kv_dim
         if len(segments) == 1:
-            cos, sin = self.rope.get(segments[0].start, T)
+            rot = self.rope.get(segments[0].start, T)
         else:
-            cos, sin = self.rope.at(np.concatenate(
+            rot = self.rope.at(np.concatenate(
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
         x = self.embed(tokens)                                       # [T, dim], a copy
         for i, layer in enumerate(self.iter_layers()):
             # attention block: q and k are rotated together, in one call
             qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
-            qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), cos, sin)
+            qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot)
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
             x += linear(self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
                                      segments), layer.wo_t)
