@@ -379,14 +379,15 @@ def test_peak_rss_is_file_plus_one_layer(tmp_path):
 # quality on the real model
 # ---------------------------------------------------------------------------
 
-# relative change of perplexity allowed against f32. f16 keeps 11 significant
-# bits; q8_0 rounds to 1/254 of each block's largest value. bfloat16 keeps only
-# 8 (relative rounding error up to 2^-9 = 0.2% per weight): measured on
-# SmolLM2 it moves perplexity by 0.16-0.17% on these texts (0.09-0.12% even with
-# the embedding kept in f32), so the project's 0.1% goal for bf16 is NOT met;
-# this bound states what bf16 storage actually delivers.
-PPL_TOLERANCE = {"f16": 0.001, "bf16": 0.0025, "q8_0": 0.01}
-WINDOW = 256
+# relative change of perplexity allowed against f32: the project's goals (0.1%
+# for f16 and bf16, 1% for q8_0). A change this small is only visible over
+# thousands of tokens: over the first few hundred, bf16's rounding (up to 2^-9
+# per weight) moves perplexity by +-0.1-0.2% at random, over 5000 it averages
+# out to a few hundredths of a percent.
+PPL_TOLERANCE = {"f16": 0.001, "bf16": 0.001, "q8_0": 0.01}
+WINDOW = 512
+#: about 5300 SmolLM2 tokens of public-domain prose (tests/data/README.md)
+QUALITY_TEXT = DATA / "jargon-file-4.4.7-hack.txt"
 
 
 @pytest.fixture(scope="session")
@@ -400,20 +401,24 @@ def smollm2_variants(smollm2_lmw, tmp_path_factory):
 
 
 def perplexity(path, text: str) -> float:
-    """exp(mean negative log-likelihood) of the first WINDOW tokens of `text`,
-    each predicted from the ones before it, from llamanp's own logits."""
+    """exp(mean negative log-likelihood) of the tokens of `text`, in windows of
+    WINDOW tokens side by side, each token predicted from the ones before it
+    in its window; computed here from llamanp's logits."""
     m = llamanp.load(path)
-    ids = m.tokenizer.encode(text)[:WINDOW]
-    assert len(ids) == WINDOW
-    logits = m.logits(ids).astype(np.float64)[:-1]
-    top = logits.max(axis=1)
-    logz = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-    nll = logz - logits[np.arange(WINDOW - 1), ids[1:]]
-    return float(np.exp(nll.mean()))
+    ids = m.tokenizer.encode(text)
+    assert len(ids) > 10 * WINDOW
+    nll = []
+    for start in range(0, len(ids) - 1, WINDOW):
+        window = ids[start:start + WINDOW]
+        logits = m.logits(window).astype(np.float64)[:-1]
+        top = logits.max(axis=1)
+        logz = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+        nll.append(logz - logits[np.arange(len(window) - 1), window[1:]])
+    return float(np.exp(np.concatenate(nll).mean()))
 
 
 def test_smollm2_perplexity_by_dtype(smollm2_variants):
-    text = (DATA / "alice-ch1-opening.txt").read_text(encoding="utf-8")
+    text = QUALITY_TEXT.read_text(encoding="utf-8")
     ppl = {d: perplexity(p, text) for d, p in smollm2_variants.items()}
     assert 5 < ppl["f32"] < 100, ppl          # it is a language model reading English
     for d in COMPACT:
