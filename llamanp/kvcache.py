@@ -6,13 +6,17 @@ instead of the whole sequence's. The three strategies give the same numbers and
 differ only in cost, which is what `bench/` measures:
 
   none     keep nothing; every step recomputes the whole sequence (O(n^2)).
-  inplace  preallocate [n_kv_heads, max_seq_len, head_dim] per layer and write
+  inplace  preallocate [n_kv_heads, head_dim, max_seq_len] per layer and write
            each new position into it; reading is a slice, no copies.
   concat   grow arrays with np.concatenate each step: simple, but every step
            copies the whole cache (O(n) per token, O(n^2) in total).
 
-Keys and values are stored per layer as [n_kv_heads, positions, head_dim], the
-layout the attention matmul wants.
+Keys and values are stored per layer as [n_kv_heads, head_dim, positions]:
+each head's keys are the columns of a [head_dim, positions] matrix, so that
+when a single new token attends (decoding), both of its products run along the
+positions -- q . keys and weights . values are head_dim dot products or
+axpys of `positions` numbers each -- the long, streaming shape that BLAS's
+matrix-vector product reads fastest.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ class KVCache:
         self.length = 0
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray):
-        """Add k, v ([n_kv, T, head_dim]) at positions length..length+T-1 of
-        `layer`; return all keys and values so far, [n_kv, length+T, head_dim]."""
+        """Add k, v ([T, n_kv, head_dim], as the projections give them) at
+        positions length..length+T-1 of `layer`; return all keys and values so
+        far, each [n_kv, head_dim, length+T]."""
         raise NotImplementedError
 
     def advance(self, n: int) -> None:
@@ -68,7 +73,7 @@ class NoCache(KVCache):
     recompute = True
 
     def update(self, layer, k, v):
-        return k, v
+        return k.transpose(1, 2, 0), v.transpose(1, 2, 0)
 
     def advance(self, n):
         pass  # nothing is kept, so the next call starts at position 0 again
@@ -93,23 +98,23 @@ class InplaceCache(KVCache):
 
     def __init__(self, config, max_seq_len):
         super().__init__(config, max_seq_len)
-        shape = (config.n_layers, config.n_kv_heads, max_seq_len, config.head_dim)
+        shape = (config.n_layers, config.n_kv_heads, config.head_dim, max_seq_len)
         self.k, self.v = reserve(shape), reserve(shape)
 
     def update(self, layer, k, v):
-        start, end = self.length, self.length + k.shape[1]
+        start, end = self.length, self.length + k.shape[0]
         if end > self.max_seq_len:
             raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        self.k[layer, ..., start:end] = k.transpose(1, 2, 0)
+        self.v[layer, ..., start:end] = v.transpose(1, 2, 0)
+        return self.k[layer, ..., :end], self.v[layer, ..., :end]
 
     def copy(self):
         twin = copy.copy(self)
         # fresh buffers; only the filled positions are worth copying
         twin.k, twin.v = reserve(self.k.shape), reserve(self.v.shape)
-        twin.k[:, :, :self.length] = self.k[:, :, :self.length]
-        twin.v[:, :, :self.length] = self.v[:, :, :self.length]
+        twin.k[..., :self.length] = self.k[..., :self.length]
+        twin.v[..., :self.length] = self.v[..., :self.length]
         return twin
 
 
@@ -124,20 +129,22 @@ class ConcatCache(KVCache):
 
     def reset(self):
         super().reset()
-        empty = np.zeros((self.config.n_kv_heads, 0, self.config.head_dim), np.float32)
+        empty = np.zeros((self.config.n_kv_heads, self.config.head_dim, 0), np.float32)
         self.k = [empty] * self.config.n_layers
         self.v = [empty] * self.config.n_layers
 
     def truncate(self, n):
         super().truncate(n)
-        self.k = [k[:, :self.length] for k in self.k]
-        self.v = [v[:, :self.length] for v in self.v]
+        self.k = [k[..., :self.length] for k in self.k]
+        self.v = [v[..., :self.length] for v in self.v]
 
     def update(self, layer, k, v):
-        if self.length + k.shape[1] > self.max_seq_len:
+        if self.length + k.shape[0] > self.max_seq_len:
             raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
-        self.k[layer] = np.concatenate([self.k[layer][:, :self.length], k], axis=1)
-        self.v[layer] = np.concatenate([self.v[layer][:, :self.length], v], axis=1)
+        self.k[layer] = np.concatenate([self.k[layer][..., :self.length],
+                                        k.transpose(1, 2, 0)], axis=2)
+        self.v[layer] = np.concatenate([self.v[layer][..., :self.length],
+                                        v.transpose(1, 2, 0)], axis=2)
         return self.k[layer], self.v[layer]
 
     def copy(self):

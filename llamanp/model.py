@@ -152,7 +152,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     """Grouped-query causal attention: softmax(q k^T / sqrt(hd)) v.
 
     q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
-    [n_kv, start+T, hd]. Query head h uses kv head h // group, as Meta's
+    [n_kv, hd, start+T] (llamanp.kvcache's layout). Query head h uses kv head
+    h // group, as Meta's
     repeat_kv does; grouping the queries instead of repeating the keys keeps it
     one batched matmul per block, without copying the cache.
     """
@@ -168,35 +169,35 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
     for t0 in range(0, T, ATTENTION_BLOCK):
         t1 = min(T, t0 + ATTENTION_BLOCK)
         seen = start + t1                        # this block sees keys 0..seen-1
-        out[t0:t1] = attend(qg[:, :, t0:t1], keys[:, :seen],
-                            values[:, :seen]).transpose(2, 0, 1, 3)
+        out[t0:t1] = attend(qg[:, :, t0:t1], keys[..., :seen],
+                            values[..., :seen]).transpose(2, 0, 1, 3)
     return out.reshape(T, n_heads * hd)
 
 
 def attend(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
     """One piece of attention: n consecutive queries per head, qg [n_kv, group,
-    n, hd] (scaled), against the keys and values [n_kv, seen, hd] up to the last
-    of them; returns [n_kv, group, n, hd]."""
+    n, hd] (scaled), against the keys and values [n_kv, hd, seen] up to the
+    last of them; returns [n_kv, group, n, hd]."""
     n_kv, group, n, hd = qg.shape
-    seen = keys.shape[1]
+    seen = keys.shape[2]
     if n == 1:
         # one query per head: both products are matrix-vector products, batched
         # over the heads in one call each; numpy hands each head to BLAS's
         # gemv, which streams the cache faster than the general matrix
         # product does for a handful of rows (and streaming the cache is all
         # that decoding costs at long contexts). No mask: it sees everything.
-        # [n_kv, 1, seen, hd] @ [n_kv, group, hd, 1] -> [n_kv, group, seen, 1]
-        scores = np.matmul(keys[:, None], qg.transpose(0, 1, 3, 2))
-        weights = exp_weights_(scores.reshape(n_kv, group, 1, seen))
-        # [n_kv, group, 1, seen] @ [n_kv, 1, seen, hd] -> [n_kv, group, 1, hd]
-        mixed = np.matmul(weights, values[:, None])
+        # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
+        weights = exp_weights_(np.matmul(qg, keys[:, None]))
+        # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
+        mixed = np.matmul(values[:, None], weights.transpose(0, 1, 3, 2))
+        mixed = mixed.transpose(0, 1, 3, 2)                    # [n_kv, group, 1, hd]
     else:
-        scores = qg.reshape(n_kv, group * n, hd) @ keys.transpose(0, 2, 1)
+        scores = qg.reshape(n_kv, group * n, hd) @ keys
         # every key before the block is in every query's past: only the
         # block's own n keys need the causal mask
         scores.reshape(n_kv, group, n, seen)[..., seen - n:] += future_mask(n)
         weights = exp_weights_(scores)                         # [n_kv, group*n, seen]
-        mixed = (weights @ values).reshape(n_kv, group, n, hd)
+        mixed = (weights @ values.transpose(0, 2, 1)).reshape(n_kv, group, n, hd)
         weights = weights.reshape(n_kv, group, n, seen)
     mixed /= weights.sum(axis=-1, keepdims=True)
     return mixed
@@ -382,7 +383,7 @@ class Model:
     def _attend(layer: int, q, k, v, segments) -> np.ndarray:
         """Store each segment's keys/values in its cache and attend over them."""
         def one(s, q, k, v):
-            keys, values = s.cache.update(layer, k.transpose(1, 0, 2), v.transpose(1, 0, 2))
+            keys, values = s.cache.update(layer, k, v)
             return attention(q, keys, values, s.start)
         if len(segments) == 1:
             return one(segments[0], q, k, v)

@@ -36,7 +36,8 @@ def test_blocked_attention_equals_reference(T, start, n_heads, n_kv):
     q = rng.standard_normal((T, n_heads, hd), dtype=np.float32)
     keys = rng.standard_normal((n_kv, start + T, hd), dtype=np.float32)
     values = rng.standard_normal((n_kv, start + T, hd), dtype=np.float32)
-    got = M.attention(q, keys, values, start)
+    # llamanp.kvcache's layout: [n_kv, hd, positions]
+    got = M.attention(q, keys.transpose(0, 2, 1), values.transpose(0, 2, 1), start)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, reference_attention(q, keys, values, start),
                                rtol=1e-5, atol=1e-5)
