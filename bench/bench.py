@@ -3,6 +3,7 @@
 
     python bench/bench.py -w MODEL.lmw [--runs N] [--quick] [--csv OUT.csv] [--plot OUT.png]
                           [--compare transformers] [--compare llama-cpp] [--threads N]
+                          [--dtype-file MODEL-bf16.lmw ...]
 
 What it measures, all in one process and one run:
 
@@ -13,6 +14,10 @@ What it measures, all in one process and one run:
             it recomputes the whole context at every step);
   load      llamanp.load (mmap + validation), and the peak RSS of generating
             (resource.getrusage, in a fresh process);
+  dtypes    with --dtype-file (repeatable: the same model stored as f16, bf16 or
+            q8_0), per file: decode tok/s at the shortest context, batched
+            prefill tok/s at 128 tokens, load time and peak RSS, each against
+            the main file's (per-run ratios);
   machine   streaming-read bandwidth, gemv bandwidth and sgemm GFLOP/s, so that
             every figure can be given as a fraction of its roofline:
               decode (and fill1) roofline = read bandwidth / weight bytes per token,
@@ -24,7 +29,8 @@ converted from, or --hf-gguf / --hf-dir), and every row gets the ratio
 llamanp / transformers; --compare llama-cpp does the same through llama-cpp-python
 on an F32 GGUF (bench/lmw_to_gguf.py writes one).
 
---csv writes one row per figure: engine, section (prefill | decode | machine |
+--csv writes one row per figure: engine (llamanp | llamanp-DTYPE for a
+--dtype-file | transformers | llama-cpp | machine), section (prefill | decode | machine |
 load | memory), mode (batched | fill1 | a KV-cache strategy | the measure),
 size (prompt tokens, context tokens, or the test's size), unit, runs, median,
 min, max and, for llamanp's prefill and decode rows, roofline,
@@ -126,6 +132,12 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def runtime(engine: str) -> str:
+    """Whose worker threads a task runs on: llamanp's storage-dtype variants
+    share numpy's BLAS with llamanp, so no pause between them."""
+    return "llamanp" if engine.startswith("llamanp") else engine
+
+
 def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -> None:
     """Every task once per run, alternating the direction of the sweep,
     after one untimed warm-up pass (set-up, first-touch pages, caches; the
@@ -139,9 +151,9 @@ def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -
         t0 = time.perf_counter()
         last_engine = None
         for t in order:
-            if last_engine is not None and t.engine != last_engine and settle > 0:
+            if last_engine is not None and runtime(t.engine) != last_engine and settle > 0:
                 time.sleep(settle)
-            last_engine = t.engine
+            last_engine = runtime(t.engine)
             value = float(t.once())
             if name != "warm-up":
                 t.samples.append(value)
@@ -163,46 +175,119 @@ class Lazy:
 
 # -- llamanp ------------------------------------------------------------------------
 
-def llamanp_tasks(model, path: str, plan, rng) -> list[Task]:
-    vocab = model.config.vocab_size
-    tasks = []
-
+def llamanp_prefill(model):
+    """`prefill(ids, fill1)` for prefill_tasks: a fresh in-place session per run."""
     def prefill(ids, fill1):
         def once():
             s = model.session("inplace", max_seq_len=len(ids))
             return len(ids) / timed(lambda: s.feed(ids, fill1=fill1))
         return once
+    return prefill
 
-    tasks += prefill_tasks("llamanp", plan.prompt_lens, plan.fill1_max, prefill, rng, vocab)
 
-    def decode(kv, ctx):
-        prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
-        steps = plan.steps if kv != "none" else plan.none_steps
-        new = rng.integers(0, vocab, steps).tolist()
+def llamanp_decode(model, kv: str, ctx: int, steps: int, rng) -> Callable[[], float]:
+    """tok/s of `steps` single-token steps after a context of ctx tokens."""
+    vocab = model.config.vocab_size
+    prefix = rng.integers(0, vocab, max(ctx, 1)).tolist()
+    new = rng.integers(0, vocab, steps).tolist()
 
-        def make_base():
-            s = model.session(kv, max_seq_len=len(prefix) + steps)
-            for i in range(0, len(prefix), 512):   # chunks: bounded attention scratch
-                s.feed(prefix[i:i + 512])
-            return s
-        base = Lazy(make_base)
+    def make_base():
+        s = model.session(kv, max_seq_len=len(prefix) + steps)
+        for i in range(0, len(prefix), 512):   # chunks: bounded attention scratch
+            s.feed(prefix[i:i + 512])
+        return s
+    base = Lazy(make_base)
 
-        def once():
-            s = base.get().fork()   # the same context every run; copying is untimed
-            return steps / timed(lambda: [s.feed([t]) for t in new])
-        return once
+    def once():
+        s = base.get().fork()   # the same context every run; copying is untimed
+        return steps / timed(lambda: [s.feed([t]) for t in new])
+    return once
 
+
+def llamanp_load(path: str) -> Callable[[], float]:
+    return lambda: timed(lambda: llamanp.load(path)) * 1000
+
+
+def llamanp_tasks(model, path: str, plan, rng) -> list[Task]:
+    vocab = model.config.vocab_size
+    tasks = prefill_tasks("llamanp", plan.prompt_lens, plan.fill1_max, llamanp_prefill(model),
+                          rng, vocab)
     for ctx in plan.contexts:
         for kv in STRATEGIES:
             if kv == "none" and ctx > plan.none_max:
                 continue
-            tasks.append(Task("llamanp", "decode", kv, ctx, "tok/s", decode(kv, ctx)))
-
-    def load():
-        t = timed(lambda: llamanp.load(path))
-        return t * 1000
-    tasks.append(Task("llamanp", "load", "llamanp.load", 0, "ms", load))
+            steps = plan.steps if kv != "none" else plan.none_steps
+            tasks.append(Task("llamanp", "decode", kv, ctx, "tok/s",
+                              llamanp_decode(model, kv, ctx, steps, rng)))
+    tasks.append(Task("llamanp", "load", "llamanp.load", 0, "ms", llamanp_load(path)))
     return tasks
+
+
+# -- the same model in other storage dtypes -------------------------------------------
+
+SAME_MODEL = ("n_layers", "dim", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size")
+
+
+def storage_dtype(model) -> str:
+    """What a file's matrices are stored as, the largest share first ("q8_0+f16"
+    where rows not a multiple of 32 fell back to f16); the norms (1-D, f32 in
+    every file) do not count."""
+    share: dict = {}
+    for name, dtype in model.file.dtypes.items():
+        t = model.file.tensors[name]
+        if len(t.shape) >= 2:
+            share[dtype] = share.get(dtype, 0) + int(np.prod(t.shape))
+    return "+".join(sorted(share, key=share.get, reverse=True))
+
+
+def dtype_engine(dtype: str) -> str:
+    """The engine column of a storage-dtype row: llamanp on another file."""
+    return f"llamanp-{dtype}"
+
+
+def load_dtype_files(parser, main, files: list) -> list[tuple[str, str, object]]:
+    """[(dtype, path, model)] of the --dtype-file files, refused with one usage
+    line (exit 2) unless each is the main model in a dtype not seen yet."""
+    seen = {storage_dtype(main): main.file.path}
+    out = []
+    for path in files:
+        if not Path(path).is_file():
+            parser.error(f"--dtype-file {path}: no such file")
+        try:
+            m = llamanp.load(path)
+        except LlamanpError as e:
+            parser.error(f"--dtype-file {path}: {e}")
+        diff = [f"{k} {getattr(m.config, k)} vs {getattr(main.config, k)}"
+                for k in SAME_MODEL if getattr(m.config, k) != getattr(main.config, k)]
+        if diff:
+            parser.error(f"--dtype-file {path} is not the model of -w {main.file.path} in "
+                         f"another dtype ({', '.join(diff)})")
+        dtype = storage_dtype(m)
+        if dtype in seen:
+            parser.error(f"--dtype-file {path} is stored as {dtype}, as {seen[dtype]} already "
+                         "is; give each dtype once")
+        seen[dtype] = path
+        out.append((dtype, path, m))
+    return out
+
+
+def dtype_sizes(plan) -> tuple[int, int]:
+    """(decode context, batched prompt tokens) the storage dtypes are compared at:
+    the shortest context, and 128 tokens or the nearest measured length above
+    (else the longest), so that the f32 row is the main file's own figure."""
+    longer = [n for n in plan.prompt_lens if n >= 128]
+    return min(plan.contexts), min(longer) if longer else max(plan.prompt_lens)
+
+
+def dtype_tasks(dtype: str, path: str, model, plan, rng) -> list[Task]:
+    """Decode, batched prefill and load of one more file; the main file's
+    rows are its ordinary llamanp tasks at the same sizes."""
+    engine, (ctx, n) = dtype_engine(dtype), dtype_sizes(plan)
+    ids = rng.integers(0, model.config.vocab_size, n).tolist()
+    return [Task(engine, "prefill", "batched", n, "tok/s", llamanp_prefill(model)(ids, False)),
+            Task(engine, "decode", "inplace", ctx, "tok/s",
+                 llamanp_decode(model, "inplace", ctx, plan.steps, rng)),
+            Task(engine, "load", "llamanp.load", 0, "ms", llamanp_load(path))]
 
 
 # -- the machine's own limits ------------------------------------------------------
@@ -560,7 +645,15 @@ class Report:
     notes: list
     header: list
     rss: dict                   # kv -> probe result
+    dtypes: list = field(default_factory=list)     # [(dtype, path)], the main file first
+    dtype_rss: dict = field(default_factory=dict)  # dtype -> probe result (kvcache inplace)
     limits: dict = field(default_factory=dict)
+
+    def dtype_task(self, i: int, section, mode, size) -> Optional[Task]:
+        """Row i of the storage-dtype table: the main file's own llamanp task
+        for row 0, the --dtype-file's for the others."""
+        engine = "llamanp" if i == 0 else dtype_engine(self.dtypes[i][0])
+        return self.get(engine, section, mode, size)
 
     def get(self, engine, section, mode, size) -> Optional[Task]:
         return self.tasks.get((engine, section, mode, size))
@@ -693,9 +786,42 @@ def render(rep: Report) -> str:
     out += md_table(["what", "value"], rows)
     out += ["", f"The weights are {weights_mb:,.0f} MiB of the memory-mapped file; they count in "
             "RSS once read (file-backed pages, shared with the page cache)."]
+    if len(rep.dtypes) > 1:
+        out += render_dtypes(rep)
     if rep.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(out) + "\n"
+
+
+def render_dtypes(rep: Report) -> list[str]:
+    """The same model stored in other dtypes, row by row against the main file."""
+    ctx, n = dtype_sizes(rep.plan)
+    base, runs = rep.dtypes[0][0], rep.plan.runs
+    rows = []
+    for i, (dtype, path) in enumerate(rep.dtypes):
+        load = rep.dtype_task(i, "load", "llamanp.load", 0)
+        r = rep.dtype_rss.get(dtype)
+        row = [dtype, f"{os.path.getsize(path) / (1 << 20):,.1f}",
+               fmt_range(load.samples) if load else "–", f"{r['peak_mb']:,.0f}" if r else "–"]
+        for section, mode, size in (("decode", "inplace", ctx), ("prefill", "batched", n)):
+            t, ref = rep.dtype_task(i, section, mode, size), rep.dtype_task(0, section, mode, size)
+            row += [fmt_range(t.samples),
+                    "1" if i == 0 else fmt_ratio(paired_ratio(t.samples, ref.samples))]
+        rows.append(row)
+    out = ["", f"## Storage dtypes (the same model; median of {runs} [min–max])", ""]
+    out += md_table(["dtype", "file MB", "load ms", "peak RSS MB", "decode tok/s",
+                     f"decode vs {base}", "prefill tok/s", f"prefill vs {base}"], rows)
+    prompt, gen = rep.plan.probe
+    out += ["", f"Decode: {rep.plan.steps} single-token steps after a context of {ctx} tokens, "
+            f"kvcache inplace; prefill: a {n}-token prompt as one batch. `vs {base}`: this row "
+            f"÷ the {base} row, run by run. Compute is float32 in every row: compressed weights "
+            "are widened layer by layer into reused buffers: a smaller file saves memory and "
+            "bytes read, and adds the widening to every pass over the weights.",
+            "", (f"Peak RSS: {gen} tokens after a {prompt}-token prompt, kvcache inplace, in a "
+                 "fresh process; MB are 2^20 bytes. " if any(rep.dtype_rss.values()) else
+                 "Peak RSS not measured (--no-rss). ")
+            + "Files: " + ", ".join(f"{d} `{Path(f).name}`" for d, f in rep.dtypes) + "."]
+    return out
 
 
 def write_csv(rep: Report, path: str) -> None:
@@ -718,11 +844,19 @@ def write_csv(rep: Report, path: str) -> None:
                 r = ratios.get(e)
                 cells += [f"{r[0]:.4f}", f"{r[1]:.4f}", f"{r[2]:.4f}"] if r else ["", "", ""]
             w.writerow(cells + [";".join(f"{x:.6g}" for x in t.samples)])
+
+        def single(engine, mode, size, value):   # a figure measured once: no spread
+            w.writerow([engine, "memory", mode, size, "MB", 1, f"{value:.1f}", f"{value:.1f}",
+                        f"{value:.1f}"] + [""] * 8 + [f"{value:.1f}"])
         for kv, r in rep.rss.items():
             if r:
-                w.writerow(["llamanp", "memory", f"peak RSS {kv}", rep.plan.probe[0], "MB", 1,
-                            f"{r['peak_mb']:.1f}", f"{r['peak_mb']:.1f}", f"{r['peak_mb']:.1f}"]
-                           + [""] * 8 + [f"{r['peak_mb']:.1f}"])
+                single("llamanp", f"peak RSS {kv}", rep.plan.probe[0], r["peak_mb"])
+        for i, (dtype, f) in enumerate(rep.dtypes):
+            engine = "llamanp" if i == 0 else dtype_engine(dtype)
+            single(engine, "file size", 0, os.path.getsize(f) / (1 << 20))
+            r = rep.dtype_rss.get(dtype)
+            if i > 0 and r:    # the main file's is the peak RSS inplace row above
+                single(engine, "peak RSS inplace", rep.plan.probe[0], r["peak_mb"])
 
 
 def plot(rep: Report, path: str, title: str) -> None:
@@ -870,6 +1004,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed warm-up pass before the measured runs")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes")
+    p.add_argument("--dtype-file", action="append", default=[], metavar="FILE.lmw",
+                   help="the same model stored in another dtype (convert.py --dtype): also "
+                        "measure its decode, prefill, load and peak RSS against -w "
+                        "(repeatable)")
     hf = p.add_argument_group("--compare transformers")
     hf.add_argument("--hf-gguf", help="the GGUF for transformers to load (default: the one "
                                       "the model was converted from, if it lies beside it)")
@@ -938,7 +1076,8 @@ def make_plan(args, limit: int, notes: list) -> Plan:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
             raise LlamanpError(f"--threads must be >= 1, got {args.threads}")
@@ -958,6 +1097,7 @@ def main(argv=None) -> int:
     cfg = model.config
     notes: list = []
     plan = make_plan(args, cfg.max_seq_len, notes)
+    others = load_dtype_files(parser, model, args.dtype_file)   # mmapped: the RSS stays small
     n_threads = threads.get_threads()
     blas = threads.blas_library()
     layers_p, output_p = matrix_parameters(cfg)
@@ -972,7 +1112,8 @@ def main(argv=None) -> int:
               f"- model: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} heads "
               f"({cfg.n_kv_heads} kv) × {cfg.head_dim}, hidden {cfg.hidden_dim}, vocab "
               f"{cfg.vocab_size}, {'tied' if cfg.tied_embeddings else 'untied'} embeddings; "
-              f"{n_params / 1e6:,.1f} M parameters, float32",
+              f"{n_params / 1e6:,.1f} M parameters, stored {storage_dtype(model)}, "
+              "computed in float32",
               f"- machine: {cpu_name()}, {os.cpu_count()} CPUs; "
               f"Python {platform.python_version()}, "
               f"numpy {np.__version__}, BLAS {Path(blas).name if blas else 'unknown'} with "
@@ -987,10 +1128,15 @@ def main(argv=None) -> int:
         say("peak RSS probes ...")   # starts from its parent's at the fork
         for kv in ("inplace", "concat") if not args.quick else ("inplace",):
             rss[kv] = measure_rss(args.weights, kv, *plan.probe)
+    dtype_rss = {storage_dtype(model): rss.get("inplace")}
+    for dtype, path, _ in others if not args.no_rss else ():
+        dtype_rss[dtype] = measure_rss(path, "inplace", *plan.probe)
 
     rng_seed = 0
     tasks = machine_tasks(cfg, plan)
     tasks += llamanp_tasks(model, args.weights, plan, np.random.default_rng(rng_seed))
+    for dtype, path, m in others:
+        tasks += dtype_tasks(dtype, path, m, plan, np.random.default_rng(rng_seed))
     engines = []
     for engine in dict.fromkeys(args.compare):
         if engine == "transformers":
@@ -1053,7 +1199,8 @@ def main(argv=None) -> int:
     notes.append(f"first llamanp.load in this process: {first_load_ms:.1f} ms")
 
     rep = Report(model, args.weights, plan, {t.key: t for t in tasks}, engines, notes,
-                 header, rss)
+                 header, rss, [(storage_dtype(model), args.weights)]
+                 + [(d, f) for d, f, _ in others], dtype_rss)
     compute_limits(rep)
     text = render(rep)
     print(text, end="")

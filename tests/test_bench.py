@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, case
 
 import llamanp
-from llamanp import threads
+from llamanp import lmw, threads
 
 # written straight in the .lmw format (no converter run): GQA 6/2, max_seq_len 128
 BENCH_CASE = case("lmw-bench-gqa6_2", "gqa6_2_theta5e5", "lmw")
@@ -78,6 +78,72 @@ def test_bench_bad_arguments_are_one_line(store, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: nothing to measure"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def recode(src, out, dtype: str):
+    """`src` written again with its matrices stored as `dtype` (as convert.py --dtype)."""
+    f = lmw.read(src)
+    tensors = [lmw.TensorSource(name, shape, lambda name=name: np.asarray(f.tensors[name]))
+               for name, shape in lmw.expected_shapes(f.config).items()]
+    lmw.write(out, f.config, tensors, f.tokenizer, f.metadata, force=True, dtype=dtype)
+    return out
+
+
+def md_table(out: str, heading: str) -> list[list[str]]:
+    """The cells of the Markdown table under `heading`, its header first."""
+    lines = out.split(heading, 1)[1].split("\n\n")[1].split("\n")
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line[1] != "-"]
+
+
+def test_bench_storage_dtypes_table_and_csv(store, tmp_path):
+    lmw_path = store.lmw(BENCH_CASE)
+    bf16 = recode(lmw_path, tmp_path / "m-bf16.lmw", "bf16")
+    out_csv = tmp_path / "d.csv"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "-w", str(lmw_path),
+                           "--dtype-file", str(bf16), "--quick", "--runs", "2",
+                           "--prompt-lens", "16,128", "--contexts", "0", "--fill1-max", "16",
+                           "--steps", "4", "--machine-mb", "16", "--csv", str(out_csv)],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    print(out)
+    assert "## Storage dtypes" in out
+    header, f32, b = md_table(out, "## Storage dtypes")    # the main file first
+    assert header == ["dtype", "file MB", "load ms", "peak RSS MB", "decode tok/s",
+                      "decode vs f32", "prefill tok/s", "prefill vs f32"]
+    assert f32[0] == "f32" and b[0] == "bf16"
+    num = lambda cell: float(cell.split()[0].replace(",", "").rstrip("×"))  # noqa: E731
+    assert 0.4 < num(b[1]) / num(f32[1]) < 0.7    # the file: matrices at 2 bytes, not 4
+    for row in (f32, b):
+        assert num(row[2]) > 0 and num(row[3]) > 10 and num(row[4]) > 0 and num(row[6]) > 0, row
+    assert f32[5] == f32[7] == "1"
+    for ratio in (b[5], b[7]):                    # per-run ratios: median [min–max]
+        assert "× [" in ratio and 0.01 < num(ratio) < 100, ratio
+
+    with open(out_csv, newline="") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["engine"] == "llamanp-bf16"]
+    got = {(r["section"], r["mode"]): r for r in csv_rows}
+    assert set(got) == {("prefill", "batched"), ("decode", "inplace"), ("load", "llamanp.load"),
+                        ("memory", "file size"), ("memory", "peak RSS inplace")}, set(got)
+    for r in csv_rows:
+        assert float(r["median"]) > 0 and r["roofline"] == "", r
+    assert got["prefill", "batched"]["size"] == "128" and got["decode", "inplace"]["size"] == "0"
+    assert len(got["decode", "inplace"]["samples"].split(";")) == 2
+
+
+def test_bench_refuses_a_dtype_file_of_another_model(store, tmp_path):
+    lmw_path = store.lmw(BENCH_CASE)
+    other = store.lmw(TOK_CASE)       # 3 layers, dim 48: another model
+    for bad, says in [(other, "is not the model of -w"), (tmp_path / "nope.lmw", "no such file"),
+                      (lmw_path, "is stored as f32, as")]:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "-w",
+                               str(lmw_path), "--dtype-file", str(bad), "--no-rss"],
+                              capture_output=True, text=True, timeout=60, cwd=str(REPO))
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: --dtype-file {bad}") and says in proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stdout == "", proc.stderr
+        assert time.perf_counter() - t0 < 30     # refused before measuring anything
 
 
 def test_set_threads_changes_what_get_threads_reports():
