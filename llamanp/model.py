@@ -38,16 +38,50 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
 
 
-def linear(x: np.ndarray, w_t: np.ndarray) -> np.ndarray:
-    """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in].
+def linear(x: np.ndarray, w_t) -> np.ndarray:
+    """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in]
+    (or a Streamed compressed W, for one row).
 
     One row (decoding) is a matrix-vector product on W itself: BLAS's gemv
     streams the weights faster than a one-row gemm does, and streaming the
     weights is all that decoding one token costs.
     """
+    if isinstance(w_t, Streamed):
+        return w_t.matvec(x[0])[None]
     if x.shape[0] == 1:
         return (w_t.T @ x[0])[None]
     return x @ w_t
+
+
+#: a compressed matrix is widened this many bytes of float32 at a time when it
+#: is streamed: small enough to stay in the CPU cache until the product reads it
+STREAM_CHUNK_BYTES = 1 << 20
+
+
+class Streamed:
+    """A compressed matrix W [out, in] (a Packed), multiplied by one vector a
+    few rows at a time: each chunk of rows is widened into a small float32
+    scratch buffer that is still in the CPU cache when gemv reads it. For one
+    token this beats widening W whole (which writes it all out to memory and
+    reads it back); for many tokens the whole widened matrix and one gemm win.
+    """
+
+    def __init__(self, packed: Packed, scratch: np.ndarray):
+        self.packed = packed
+        self.scratch = scratch            # flat float32, shared by all Streamed
+        out_dim, in_dim = packed.shape
+        self.step = max(1, min(out_dim, len(scratch) // in_dim))
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """W @ x, float32 [out]."""
+        out_dim, in_dim = self.packed.shape
+        y = np.empty(out_dim, np.float32)
+        for lo in range(0, out_dim, self.step):
+            hi = min(lo + self.step, out_dim)
+            chunk = self.scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim)
+            self.packed.rows(lo, hi).widen(out=chunk)
+            np.matmul(chunk, x, out=y[lo:hi])
+        return y
 
 
 def swiglu(gate_up: np.ndarray, hidden: int) -> np.ndarray:
@@ -232,19 +266,15 @@ _LAYER_TENSORS = (("attention_norm", "attention_norm.weight"),
                   ("w13_t", "feed_forward.w13.weight"),
                   ("w2_t", "feed_forward.w2.weight"))
 
-# A compressed output matrix is widened this many bytes of float32 at a time:
-# small enough to stay in the CPU cache until the matrix product reads it.
-OUTPUT_CHUNK_BYTES = 2 << 20
-
-
 class Model:
     """A Llama model over a memory-mapped .lmw file.
 
     float32 weights are used in place. Weights stored compressed (f16, bf16,
     q8_0: see llamanp.quant) are widened to float32 one layer at a time, into
     buffers allocated once and shared by all layers, so memory stays about
-    the file plus one layer's float32 weights. Those buffers make such a
-    model unsafe to run from several threads at once.
+    the file plus one layer's float32 weights; a single token (decoding)
+    streams them instead, a cache-sized chunk at a time (see Streamed). Those
+    buffers make such a model unsafe to run from several threads at once.
     """
 
     def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None):
@@ -275,10 +305,25 @@ class Model:
             self._layers.append(Layer(**fields))
             self._to_widen.append(packed)
         self._widened: Optional[int] = None       # the layer now in the buffers
-        if isinstance(self.output, Packed):
-            rows = max(1, min(cfg.vocab_size, OUTPUT_CHUNK_BYTES // (4 * cfg.dim)))
-            self._output_buffer = np.empty((rows, cfg.dim), np.float32)
+        # the same layers for one token at a time: compressed matrices streamed
+        self._streamed: Optional[list[Layer]] = None
+        self._scratch = np.empty(0, np.float32)
+        packed = [w for w in t.values() if isinstance(w, Packed) and w.ndim == 2]
+        if packed:   # (never more than the largest compressed matrix)
+            largest = max(int(np.prod(w.shape)) for w in packed)
+            self._scratch = np.empty(min(STREAM_CHUNK_BYTES // 4, largest), np.float32)
+            self._streamed = [self._streamed_layer(i) for i in range(cfg.n_layers)]
         self.rope = RopeTable(cfg)
+
+    def _streamed_layer(self, i: int) -> Layer:
+        fields = {}
+        for field, name in _LAYER_TENSORS:
+            w = self.file.tensors[f"layers.{i}.{name}"]
+            if isinstance(w, Packed):
+                fields[field] = Streamed(w, self._scratch)
+            else:
+                fields[field] = w.T if field.endswith("_t") else w
+        return Layer(**fields)
 
     # -- the weights, as float32 --------------------------------------------------
     def layer_weights(self, i: int) -> Layer:
@@ -294,11 +339,6 @@ class Model:
             self._widened = i
         return self._layers[i]
 
-    def iter_layers(self):
-        """layer_weights(0), layer_weights(1), ...: each widened when reached."""
-        for i in range(self.config.n_layers):
-            yield self.layer_weights(i)
-
     def embed(self, tokens) -> np.ndarray:
         """The embedding rows of `tokens`, a new float32 array [len(tokens), dim]."""
         ids = np.asarray(tokens, dtype=np.intp)
@@ -309,29 +349,27 @@ class Model:
     def output_logits(self, h: np.ndarray) -> np.ndarray:
         """output · h for normalised rows h [n, dim]: float32 logits [n, vocab].
 
-        A compressed output matrix is widened a few rows at a time into one
-        reused buffer and multiplied chunk by chunk, never whole.
+        A compressed output matrix is widened a few rows at a time into the
+        scratch buffer and multiplied chunk by chunk, never whole.
         """
         w = self.output
         if not isinstance(w, Packed):
             return linear(h, w.T)
-        vocab = self.config.vocab_size
+        if len(h) == 1:
+            return linear(h, Streamed(w, self._scratch))
+        vocab, dim = w.shape
         logits = np.empty((len(h), vocab), np.float32)
-        step = len(self._output_buffer)
+        step = max(1, len(self._scratch) // dim)
         for lo in range(0, vocab, step):
             hi = min(lo + step, vocab)
-            chunk = w.rows(lo, hi).widen(out=self._output_buffer[:hi - lo])
-            if len(h) == 1:    # one row: a matrix-vector product, as linear() does
-                np.matmul(chunk, h[0], out=logits[0, lo:hi])
-            else:
-                np.matmul(h, chunk.T, out=logits[:, lo:hi])
+            chunk = w.rows(lo, hi).widen(out=self._scratch[:(hi - lo) * dim].reshape(-1, dim))
+            np.matmul(h, chunk.T, out=logits[:, lo:hi])
         return logits
 
     @property
     def buffer_bytes(self) -> int:
         """Bytes of the float32 buffers that compressed weights are widened into."""
-        n = sum(b.nbytes for b in self._buffers.values())
-        return n + (self._output_buffer.nbytes if isinstance(self.output, Packed) else 0)
+        return sum(b.nbytes for b in self._buffers.values()) + self._scratch.nbytes
 
     # -- the forward pass ----------------------------------------------------------
     def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1) -> np.ndarray:
@@ -362,7 +400,9 @@ class Model:
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
         x = self.embed(tokens)                                       # [T, dim], a copy
-        for i, layer in enumerate(self.iter_layers()):
+        stream = T == 1 and self._streamed is not None
+        for i in range(cfg.n_layers):
+            layer = self._streamed[i] if stream else self.layer_weights(i)
             # attention block: q and k are rotated together, in one call
             qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
             qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot)
