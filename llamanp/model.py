@@ -33,9 +33,15 @@ from .tokenizer import Tokenizer
 # --- the maths ----------------------------------------------------------------------
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, over the last axis."""
-    ms = np.add.reduce(x * x, axis=-1, keepdims=True) * np.float32(1 / x.shape[-1])
-    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * weight
+    """x / sqrt(mean(x^2) + eps) * weight, for each row of x [T, dim]."""
+    dim = x.shape[-1]
+    if len(x) == 1:   # decoding: one dot product, and the scale is a scalar
+        scale = np.float32(1 / math.sqrt(float(x[0] @ x[0]) / dim + eps))
+    else:
+        scale = 1 / np.sqrt(np.einsum("td,td->t", x, x)[:, None] / dim + eps)
+    out = x * weight
+    out *= scale
+    return out
 
 
 def linear(x: np.ndarray, w_t) -> np.ndarray:
