@@ -46,14 +46,14 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def linear(x: np.ndarray, w_t) -> np.ndarray:
     """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in]
-    (or a Streamed compressed W, for one row).
+    (or a Streamed compressed W, meant for one row).
 
     One row (decoding) is a matrix-vector product on W itself: BLAS's gemv
     streams the weights faster than a one-row gemm does, and streaming the
     weights is all that decoding one token costs.
     """
     if isinstance(w_t, Streamed):
-        return w_t.matvec(x[0])[None]
+        return np.stack([w_t.matvec(row) for row in x])
     if x.shape[0] == 1:
         return (w_t.T @ x[0])[None]
     return x @ w_t
@@ -193,9 +193,9 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -
 
     q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
     [n_kv, hd, start+T] (llamanp.kvcache's layout). Query head h uses kv head
-    h // group, as Meta's
-    repeat_kv does; grouping the queries instead of repeating the keys keeps it
-    one batched matmul per block, without copying the cache.
+    h // group, as Meta's repeat_kv does; grouping the queries instead of
+    repeating the keys keeps it one batched matmul per block, without copying
+    the cache.
     """
     T, n_heads, hd = q.shape
     n_kv = keys.shape[0]
