@@ -294,11 +294,17 @@ class Model:
         self.norm = t["norm.weight"]
         # One float32 buffer per compressed matrix role (wqkv, wo, w13, w2),
         # shaped as stored; the Layers of all layers view the same buffers.
+        # A single token streams compressed matrices through one small scratch
+        # instead (never larger than the largest compressed matrix).
+        compressed = [w for w in t.values() if isinstance(w, Packed) and w.ndim == 2]
+        largest = max((int(np.prod(w.shape)) for w in compressed), default=0)
+        self._scratch = np.empty(min(STREAM_CHUNK_BYTES // 4, largest), np.float32)
         self._buffers: dict[str, np.ndarray] = {}
         self._layers: list[Layer] = []            # float32 [in, out] views
+        self._streamed: list[Layer] = []          # the same, compressed ones Streamed
         self._to_widen: list[list] = []           # per layer: (buffer, Packed) pairs
         for i in range(cfg.n_layers):
-            fields, packed = {}, []
+            fields, streamed, packed = {}, {}, []
             for field, name in _LAYER_TENSORS:
                 w = t[f"layers.{i}.{name}"]
                 if isinstance(w, Packed):
@@ -306,30 +312,17 @@ class Model:
                     if buf is None:
                         buf = self._buffers[field] = np.empty(w.shape, np.float32)
                     packed.append((buf, w))
+                    streamed[field] = Streamed(w, self._scratch)
                     w = buf
                 fields[field] = w.T if field.endswith("_t") else w
+                streamed.setdefault(field, fields[field])
             self._layers.append(Layer(**fields))
+            self._streamed.append(Layer(**streamed))
             self._to_widen.append(packed)
         self._widened: Optional[int] = None       # the layer now in the buffers
-        # the same layers for one token at a time: compressed matrices streamed
-        self._streamed: Optional[list[Layer]] = None
-        self._scratch = np.empty(0, np.float32)
-        packed = [w for w in t.values() if isinstance(w, Packed) and w.ndim == 2]
-        if packed:   # (never more than the largest compressed matrix)
-            largest = max(int(np.prod(w.shape)) for w in packed)
-            self._scratch = np.empty(min(STREAM_CHUNK_BYTES // 4, largest), np.float32)
-            self._streamed = [self._streamed_layer(i) for i in range(cfg.n_layers)]
+        self._output_streamed = (Streamed(self.output, self._scratch)
+                                 if isinstance(self.output, Packed) else None)
         self.rope = RopeTable(cfg)
-
-    def _streamed_layer(self, i: int) -> Layer:
-        fields = {}
-        for field, name in _LAYER_TENSORS:
-            w = self.file.tensors[f"layers.{i}.{name}"]
-            if isinstance(w, Packed):
-                fields[field] = Streamed(w, self._scratch)
-            else:
-                fields[field] = w.T if field.endswith("_t") else w
-        return Layer(**fields)
 
     # -- the weights, as float32 --------------------------------------------------
     def layer_weights(self, i: int) -> Layer:
@@ -362,7 +355,7 @@ class Model:
         if not isinstance(w, Packed):
             return linear(h, w.T)
         if len(h) == 1:
-            return linear(h, Streamed(w, self._scratch))
+            return linear(h, self._output_streamed)
         vocab, dim = w.shape
         logits = np.empty((len(h), vocab), np.float32)
         step = max(1, len(self._scratch) // dim)
@@ -406,9 +399,8 @@ class Model:
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
         x = self.embed(tokens)                                       # [T, dim], a copy
-        stream = T == 1 and self._streamed is not None
         for i in range(cfg.n_layers):
-            layer = self._streamed[i] if stream else self.layer_weights(i)
+            layer = self._streamed[i] if T == 1 else self.layer_weights(i)
             # attention block: q and k are rotated together, in one call
             qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
             qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot)
