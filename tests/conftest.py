@@ -44,6 +44,18 @@ def run_cli(script: str, *args, timeout: float = CLI_TIMEOUT, cwd=None) -> tuple
     return proc.returncode, proc.stdout, proc.stderr
 
 
+
+def recode(src, out, dtype: str) -> Path:
+    """Write the model in `src` again with its weights stored as `dtype` (as
+    convert.py --dtype would); the values written are the float32 values
+    `src`'s tensors mean."""
+    from llamanp import lmw
+    f = lmw.read(src)
+    tensors = [lmw.TensorSource(name, shape, lambda name=name: np.asarray(f.tensors[name]))
+               for name, shape in lmw.expected_shapes(f.config).items()]
+    lmw.write(out, f.config, tensors, f.tokenizer, f.metadata, force=True, dtype=dtype)
+    return Path(out)
+
 @pytest.fixture(scope="session")
 def cli():
     return run_cli

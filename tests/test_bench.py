@@ -12,10 +12,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, case
+from conftest import REPO, case, recode
 
 import llamanp
-from llamanp import lmw, threads
+from llamanp import threads
 
 # written straight in the .lmw format (no converter run): GQA 6/2, max_seq_len 128
 BENCH_CASE = case("lmw-bench-gqa6_2", "gqa6_2_theta5e5", "lmw")
@@ -78,15 +78,6 @@ def test_bench_bad_arguments_are_one_line(store, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: nothing to measure"), proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-def recode(src, out, dtype: str):
-    """`src` written again with its matrices stored as `dtype` (as convert.py --dtype)."""
-    f = lmw.read(src)
-    tensors = [lmw.TensorSource(name, shape, lambda name=name: np.asarray(f.tensors[name]))
-               for name, shape in lmw.expected_shapes(f.config).items()]
-    lmw.write(out, f.config, tensors, f.tokenizer, f.metadata, force=True, dtype=dtype)
-    return out
 
 
 def md_table(out: str, heading: str) -> list[list[str]]:

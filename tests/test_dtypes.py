@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, case, run_cli
+from conftest import REPO, case, recode, run_cli
 
 import llamanp
 import llamanp.convert
@@ -178,16 +178,6 @@ TINY = [case("pt-gqa4_2", "gqa4_2", "llama2c_pt"),
 SANITY = {"f16": 5e-3, "bf16": 5e-2, "q8_0": 0.1}   # max |logits - HF| / max |HF|
 KV_MODES = [("none", False), ("inplace", False), ("inplace", True), ("concat", False),
             ("concat", True)]
-
-
-def recode(src, out, dtype: str) -> Path:
-    """Write the model in `src` again with its weights stored as `dtype`; the
-    values written are the float32 values `src`'s tensors mean."""
-    f = lmw.read(src)
-    tensors = [lmw.TensorSource(name, shape, lambda name=name: np.asarray(f.tensors[name]))
-               for name, shape in lmw.expected_shapes(f.config).items()]
-    lmw.write(out, f.config, tensors, f.tokenizer, f.metadata, force=True, dtype=dtype)
-    return Path(out)
 
 
 @pytest.fixture(scope="module")
