@@ -649,11 +649,13 @@ class Report:
     dtype_rss: dict = field(default_factory=dict)  # dtype -> probe result (kvcache inplace)
     limits: dict = field(default_factory=dict)
 
+    def dtype_row_engine(self, i: int) -> str:
+        """Row i of the storage-dtype table is measured by this engine: the main
+        file's own llamanp tasks for row 0, the --dtype-file's for the others."""
+        return "llamanp" if i == 0 else dtype_engine(self.dtypes[i][0])
+
     def dtype_task(self, i: int, section, mode, size) -> Optional[Task]:
-        """Row i of the storage-dtype table: the main file's own llamanp task
-        for row 0, the --dtype-file's for the others."""
-        engine = "llamanp" if i == 0 else dtype_engine(self.dtypes[i][0])
-        return self.get(engine, section, mode, size)
+        return self.get(self.dtype_row_engine(i), section, mode, size)
 
     def get(self, engine, section, mode, size) -> Optional[Task]:
         return self.tasks.get((engine, section, mode, size))
@@ -817,8 +819,9 @@ def render_dtypes(rep: Report) -> list[str]:
     out += ["", f"Decode: {rep.plan.steps} single-token steps after a context of {ctx} tokens, "
             f"kvcache inplace; prefill: a {n}-token prompt as one batch. `vs {base}`: this row "
             f"÷ the {base} row, run by run. Compute is float32 in every row: compressed weights "
-            "are widened layer by layer into reused buffers: a smaller file saves memory and "
-            "bytes read, and adds the widening to every pass over the weights.",
+            "are widened as they are used (a layer at a time into reused buffers, or, for one "
+            "token, a cache-sized chunk at a time): a smaller file saves memory and bytes "
+            "read, and adds the widening to every pass over the weights.",
             "", (f"Peak RSS: {gen} tokens after a {prompt}-token prompt, kvcache inplace, in a "
                  "fresh process; MB are 2^20 bytes. " if any(rep.dtype_rss.values()) else
                  "Peak RSS not measured (--no-rss). ")
@@ -854,7 +857,7 @@ def write_csv(rep: Report, path: str) -> None:
             if r:
                 single("llamanp", f"peak RSS {kv}", rep.plan.probe[0], r["peak_mb"])
         for i, (dtype, f) in enumerate(rep.dtypes):
-            engine = "llamanp" if i == 0 else dtype_engine(dtype)
+            engine = rep.dtype_row_engine(i)
             single(engine, "file size", 0, os.path.getsize(f) / (1 << 20))
             r = rep.dtype_rss.get(dtype)
             if i > 0 and r:    # the main file's is the peak RSS inplace row above
