@@ -173,74 +173,141 @@ def apply_rope(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
 #: and keeps the score matrices cache-sized
 ATTENTION_BLOCK = 128
 
+#: additive causal mask of a block's queries against the block's own keys:
+#: 0 where the key is at or before the query, -inf where it is in its future
+#: (a smaller block uses the top-left corner)
+_FUTURE_MASK = np.triu(np.full((ATTENTION_BLOCK, ATTENTION_BLOCK), -np.inf, np.float32), k=1)
 
-def future_mask(n: int) -> np.ndarray:
-    """Additive mask [n, n] for n consecutive queries against their own n keys:
-    0 where the key is at or before the query, -inf where it is in its future."""
-    return np.triu(np.full((n, n), -np.inf, np.float32), k=1)
-
-
-def exp_weights_(scores: np.ndarray) -> np.ndarray:
-    """exp(scores - max) over the last axis, in place: softmax without its
-    division. Dividing the (narrow) attention output by the weights' sum
-    afterwards is cheaper than dividing the (wide) weights themselves."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    return np.exp(scores, out=scores)
+#: softmax's sums must land in this range when the scores are exponentiated
+#: without first subtracting their maximum (see softmax_parts_)
+_SAFE_SUMS = (2.0 ** -100, 2.0 ** 64)
 
 
-def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+class Scratch:
+    """A float32 buffer handed out again and again, grown when too small.
+
+    Large temporaries made fresh on every call cost a page fault per 4 KiB
+    page (several microseconds each on a virtual machine); one reused buffer
+    pays them once. A caller must be done with one `take` before the next.
+    """
+
+    def __init__(self):
+        self.buf = np.empty(0, np.float32)
+
+    def take(self, shape) -> np.ndarray:
+        n = math.prod(shape)
+        if n > len(self.buf):
+            self.buf = np.empty(n, np.float32)
+        return self.buf[:n].reshape(shape)
+
+
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
+              scratch: Optional[Scratch] = None) -> np.ndarray:
     """Grouped-query causal attention: softmax(q k^T / sqrt(hd)) v.
 
     q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
     [n_kv, hd, start+T] (llamanp.kvcache's layout). Query head h uses kv head
     h // group, as Meta's repeat_kv does; grouping the queries instead of
     repeating the keys keeps it one batched matmul per block, without copying
-    the cache.
+    the cache. `scratch` holds the score matrices between calls.
+
+    The softmax is taken in base 2: 2^(s * log2 e) = e^s, and folding log2 e
+    into the (small) query scale lets NumPy's exp2 run, which is faster than
+    its exp.
     """
     T, n_heads, hd = q.shape
     n_kv = keys.shape[0]
     group = n_heads // n_kv
-    # scale the (small) queries rather than the (large) scores;
-    # [T, n_kv, group, hd] -> [n_kv, group, T, hd]
-    qg = (q * np.float32(1.0 / math.sqrt(hd))).reshape(T, n_kv, group, hd).transpose(1, 2, 0, 3)
+    scale = np.float32(math.log2(math.e) / math.sqrt(hd))
     if T == 1:
-        return attend(qg, keys, values).reshape(1, n_heads * hd)
-    out = np.empty((T, n_kv, group, hd), np.float32)
+        # [n_kv, group, 1, hd] against [n_kv, 1, hd, seen]: one query per head
+        qg = (q * scale).reshape(n_kv, group, 1, hd)
+        return attend_one(qg, keys, values).reshape(1, n_heads * hd)
+    # queries as [n_kv, T, group, hd]: a block of consecutive queries is then
+    # one contiguous [n * group, hd] matrix per kv head (rows ordered t, g)
+    qg = np.empty((n_kv, T, group, hd), np.float32)
+    np.multiply(q.reshape(T, n_kv, group, hd).transpose(1, 0, 2, 3), scale, out=qg)
+    out = np.empty((n_kv, T, group, hd), np.float32)
     for t0 in range(0, T, ATTENTION_BLOCK):
         t1 = min(T, t0 + ATTENTION_BLOCK)
-        seen = start + t1                        # this block sees keys 0..seen-1
-        out[t0:t1] = attend(qg[:, :, t0:t1], keys[..., :seen],
-                            values[..., :seen]).transpose(2, 0, 1, 3)
-    return out.reshape(T, n_heads * hd)
+        n, seen = t1 - t0, start + t1             # this block sees keys 0..seen-1
+        attend_block(qg[:, t0:t1].reshape(n_kv, n * group, hd),
+                     keys[..., :seen], values[..., :seen],
+                     out[:, t0:t1].reshape(n_kv, n * group, hd), group, scratch)
+    return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd)
 
 
-def attend(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """One piece of attention: n consecutive queries per head, qg [n_kv, group,
-    n, hd] (scaled), against the keys and values [n_kv, hd, seen] up to the
-    last of them; returns [n_kv, group, n, hd]."""
-    n_kv, group, n, hd = qg.shape
-    seen = keys.shape[2]
-    if n == 1:
-        # one query per head: both products are matrix-vector products, batched
-        # over the heads in one call each; numpy hands each head to BLAS's
-        # gemv, which streams the cache faster than the general matrix
-        # product does for a handful of rows (and streaming the cache is all
-        # that decoding costs at long contexts). No mask: it sees everything.
-        # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
-        weights = exp_weights_(np.matmul(qg, keys[:, None]))
-        # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
-        mixed = np.matmul(values[:, None], weights.transpose(0, 1, 3, 2))
-        mixed = mixed.transpose(0, 1, 3, 2)                    # [n_kv, group, 1, hd]
-    else:
-        scores = qg.reshape(n_kv, group * n, hd) @ keys
+def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
+                 group: int, scratch: Optional[Scratch]) -> None:
+    """n consecutive queries (the last of them at the last key), rows of qb
+    [n_kv, n * group, hd] ordered (t, g), against keys/values [n_kv, hd, seen];
+    writes the attention output into `out` [n_kv, n * group, hd]."""
+    n_kv, rows, _ = qb.shape
+    n, seen = rows // group, keys.shape[2]
+    buf = scratch.take((n_kv, rows, seen)) if scratch is not None else None
+
+    def weights(shift: bool) -> np.ndarray:
+        scores = np.matmul(qb, keys, out=buf)                   # [n_kv, rows, seen]
         # every key before the block is in every query's past: only the
         # block's own n keys need the causal mask
-        scores.reshape(n_kv, group, n, seen)[..., seen - n:] += future_mask(n)
-        weights = exp_weights_(scores)                         # [n_kv, group*n, seen]
-        mixed = (weights @ values.transpose(0, 2, 1)).reshape(n_kv, group, n, hd)
-        weights = weights.reshape(n_kv, group, n, seen)
-    mixed /= weights.sum(axis=-1, keepdims=True)
+        scores.reshape(n_kv, n, group, seen)[..., seen - n:] += _FUTURE_MASK[:n, None, :n]
+        return softmax_parts_(scores, shift)
+
+    for shift in (False, True):
+        w, sums = weights(shift)
+        if shift or _sums_safe(sums):
+            break
+    np.matmul(w, values.transpose(0, 2, 1), out=out)
+    out /= sums[..., None]
+
+
+def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A single query per head, qg [n_kv, group, 1, hd] (scaled), against
+    keys/values [n_kv, hd, seen]; returns [n_kv, group, 1, hd].
+
+    Both products are matrix-vector products, batched over the heads in one
+    call each: numpy hands each head to BLAS's gemv, which streams the cache
+    faster than the general matrix product does for a handful of rows (and
+    streaming the cache is all that decoding costs at long contexts). No
+    mask: a single new token sees everything.
+    """
+    for shift in (False, True):
+        # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
+        w, sums = softmax_parts_(np.matmul(qg, keys[:, None]), shift)
+        if shift or _sums_safe(sums):
+            break
+    # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
+    mixed = np.matmul(values[:, None], w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    mixed /= sums[..., None]
     return mixed
+
+
+def softmax_parts_(scores: np.ndarray, shift: bool):
+    """Softmax without its division: (2^scores, their sums over the last
+    axis), the power taken in place.
+
+    Softmax does not change when a constant is taken off a row, so the usual
+    subtraction of each row's maximum is only there to keep 2^s inside
+    float32. Attention scores are almost always far from the edges (|s| < 100),
+    so that pass and its reduction are skipped (shift=False) and the sums are
+    checked instead (see _sums_safe): the caller redoes a block with shift=True
+    in the rare case they are not. The sums come from a matrix-vector product
+    with ones, which BLAS runs faster than a NumPy reduction.
+    """
+    if shift:
+        scores -= scores.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        np.exp2(scores, out=scores)
+    return scores, np.matmul(scores, np.ones(scores.shape[-1], np.float32))
+
+
+def _sums_safe(sums: np.ndarray) -> bool:
+    """True if every softmax sum is one that the unshifted power can be
+    trusted with: not so small that the terms have gone subnormal (then the
+    weights lose precision), and not so large that a term, or the weights'
+    product with the values, could overflow. NaN fails too."""
+    lo, hi = _SAFE_SUMS
+    return bool(((sums > lo) & (sums < hi)).all())
 
 
 # --- weights ------------------------------------------------------------------------
@@ -279,8 +346,9 @@ class Model:
     q8_0: see llamanp.quant) are widened to float32 one layer at a time, into
     buffers allocated once and shared by all layers, so memory stays about
     the file plus one layer's float32 weights; a single token (decoding)
-    streams them instead, a cache-sized chunk at a time (see Streamed). Those
-    buffers make such a model unsafe to run from several threads at once.
+    streams them instead, a cache-sized chunk at a time (see Streamed). These
+    buffers, and the attention's reused score matrices, make a Model unsafe to
+    run from several threads at once.
     """
 
     def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None):
@@ -323,6 +391,7 @@ class Model:
         self._output_streamed = (Streamed(self.output, self._scratch)
                                  if isinstance(self.output, Packed) else None)
         self.rope = RopeTable(cfg)
+        self._attention_scratch = Scratch()       # score matrices, reused
 
     # -- the weights, as float32 --------------------------------------------------
     def layer_weights(self, i: int) -> Layer:
@@ -417,12 +486,11 @@ class Model:
             x[np.concatenate([np.arange(e - n_logits, e) for e in ends])]
         return self.output_logits(rmsnorm(rows, self.norm, eps))
 
-    @staticmethod
-    def _attend(layer: int, q, k, v, segments) -> np.ndarray:
+    def _attend(self, layer: int, q, k, v, segments) -> np.ndarray:
         """Store each segment's keys/values in its cache and attend over them."""
         def one(s, q, k, v):
             keys, values = s.cache.update(layer, k, v)
-            return attention(q, keys, values, s.start)
+            return attention(q, keys, values, s.start, self._attention_scratch)
         if len(segments) == 1:
             return one(segments[0], q, k, v)
         out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)

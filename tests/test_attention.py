@@ -43,6 +43,28 @@ def test_blocked_attention_equals_reference(T, start, n_heads, n_kv):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,start", [(1, 20), (40, 0), (M.ATTENTION_BLOCK + 9, 30)])
+@pytest.mark.parametrize("case", ["overflow", "underflow"])
+def test_attention_with_scores_beyond_float32_exp(T, start, case):
+    """Scores far outside exp's float32 range (the softmax first tries
+    without subtracting the row maxima, and must notice and redo it)."""
+    rng = np.random.default_rng(7)
+    n_heads, n_kv, hd = 4, 2, 8
+    q = rng.standard_normal((T, n_heads, hd), dtype=np.float32)
+    keys = rng.standard_normal((n_kv, start + T, hd), dtype=np.float32)
+    if case == "overflow":      # scores of several thousand, either sign
+        q *= 300
+    else:                       # every score near -300: each power underflows to 0
+        q[:] = 10
+        keys[:] = -11 + rng.standard_normal(keys.shape, dtype=np.float32) * 0.3
+    values = rng.standard_normal((n_kv, start + T, hd), dtype=np.float32)
+    got = M.attention(q, keys.transpose(0, 2, 1), values.transpose(0, 2, 1), start,
+                      M.Scratch())
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference_attention(q, keys, values, start),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_swiglu_and_rmsnorm_formulas():
     rng = np.random.default_rng(0)
     g = rng.standard_normal((3, 10), dtype=np.float32) * 30   # exp overflows for some
