@@ -173,10 +173,11 @@ def apply_rope(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
 #: and keeps the score matrices cache-sized
 ATTENTION_BLOCK = 128
 
-#: additive causal mask of a block's queries against the block's own keys:
-#: 0 where the key is at or before the query, -inf where it is in its future
-#: (a smaller block uses the top-left corner)
-_FUTURE_MASK = np.triu(np.full((ATTENTION_BLOCK, ATTENTION_BLOCK), -np.inf, np.float32), k=1)
+#: the causal mask of a block's queries (rows) against the block's own keys
+#: (columns): a key at or before the query is in its past, a later one in its
+#: future. A smaller block uses the top-left corner.
+_PAST = np.tril(np.ones((ATTENTION_BLOCK, ATTENTION_BLOCK), np.float32))
+_FUTURE = np.where(_PAST == 1, np.float32(0), np.float32(-np.inf))
 
 #: softmax's sums must land in this range when the scores are exponentiated
 #: without first subtracting their maximum (see softmax_parts_)
@@ -241,23 +242,26 @@ def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.n
                  group: int, scratch: Optional[Scratch]) -> None:
     """n consecutive queries (the last of them at the last key), rows of qb
     [n_kv, n * group, hd] ordered (t, g), against keys/values [n_kv, hd, seen];
-    writes the attention output into `out` [n_kv, n * group, hd]."""
+    writes the attention output into `out` [n_kv, n * group, hd].
+
+    Every key before the block is in every query's past: only the block's own
+    n keys need the causal mask. Its weights are zeroed after the power (2^-inf
+    is 0 too, but NumPy's exp2 is several times slower on arrays with -inf in
+    them); when the maxima are subtracted, the future keys must be out of the
+    maxima, so they get -inf first.
+    """
     n_kv, rows, _ = qb.shape
     n, seen = rows // group, keys.shape[2]
     buf = scratch.take((n_kv, rows, seen)) if scratch is not None else None
-
-    def weights(shift: bool) -> np.ndarray:
-        scores = np.matmul(qb, keys, out=buf)                   # [n_kv, rows, seen]
-        # every key before the block is in every query's past: only the
-        # block's own n keys need the causal mask
-        scores.reshape(n_kv, n, group, seen)[..., seen - n:] += _FUTURE_MASK[:n, None, :n]
-        return softmax_parts_(scores, shift)
-
     for shift in (False, True):
-        w, sums = weights(shift)
+        scores = np.matmul(qb, keys, out=buf)                   # [n_kv, rows, seen]
+        own = scores.reshape(n_kv, n, group, seen)[..., seen - n:]
+        if shift:
+            own += _FUTURE[:n, None, :n]
+        weights, sums = softmax_parts_(scores, shift, own, _PAST[:n, None, :n])
         if shift or _sums_safe(sums):
             break
-    np.matmul(w, values.transpose(0, 2, 1), out=out)
+    np.matmul(weights, values.transpose(0, 2, 1), out=out)
     out /= sums[..., None]
 
 
@@ -282,9 +286,10 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarr
     return mixed
 
 
-def softmax_parts_(scores: np.ndarray, shift: bool):
+def softmax_parts_(scores: np.ndarray, shift: bool, masked=None, mask=None):
     """Softmax without its division: (2^scores, their sums over the last
-    axis), the power taken in place.
+    axis), the power taken in place; the part `masked` of scores (a view) is
+    multiplied by `mask` after the power and before the sums.
 
     Softmax does not change when a constant is taken off a row, so the usual
     subtraction of each row's maximum is only there to keep 2^s inside
@@ -296,8 +301,10 @@ def softmax_parts_(scores: np.ndarray, shift: bool):
     """
     if shift:
         scores -= scores.max(axis=-1, keepdims=True)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         np.exp2(scores, out=scores)
+        if masked is not None:
+            masked *= mask          # inf * 0 is NaN: it fails the sums check
     return scores, np.matmul(scores, np.ones(scores.shape[-1], np.float32))
 
 
