@@ -93,18 +93,23 @@ class Streamed:
 def swiglu(gate_up: np.ndarray, hidden: int) -> np.ndarray:
     """silu(gate) * up, where gate_up = [gate | up] along the last axis.
 
-    silu(g) = g * sigmoid(g) = g / (1 + exp(-g)). Computed in one scratch
-    array: at prefill sizes fresh temporaries cost more than the arithmetic.
-    exp may overflow to inf for very negative g; g/inf = -0 is the right limit.
+    silu(g) = g * sigmoid(g) = g / (1 + e^-g), with e^-g taken as
+    2^(-g log2 e): NumPy's exp2 is faster than its exp. Computed in one
+    scratch array: at prefill sizes fresh temporaries cost more than the
+    arithmetic. The power may overflow to inf for very negative g; g/inf = -0
+    is the right limit.
     """
     gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
-    out = np.negative(gate)
+    out = np.multiply(gate, _MINUS_LOG2_E)
     with np.errstate(over="ignore"):
-        np.exp(out, out=out)
+        np.exp2(out, out=out)
     out += 1
     np.divide(gate, out, out=out)
     out *= up
     return out
+
+
+_MINUS_LOG2_E = np.float32(-math.log2(math.e))
 
 
 def rope_frequencies(head_dim: int, theta: float,
