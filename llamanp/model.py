@@ -32,19 +32,20 @@ from .tokenizer import Tokenizer
 
 # --- the maths ----------------------------------------------------------------------
 
-def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight, for each row of x [T, dim]."""
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out=None) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight, for each row of x [T, dim]
+    (into `out` if given)."""
     dim = x.shape[-1]
     if len(x) == 1:   # decoding: one dot product, and the scale is a scalar
         scale = np.float32(1 / math.sqrt(float(x[0] @ x[0]) / dim + eps))
     else:
         scale = 1 / np.sqrt(np.einsum("td,td->t", x, x)[:, None] / dim + eps)
-    out = x * weight
+    out = np.multiply(x, weight, out=out)
     out *= scale
     return out
 
 
-def linear(x: np.ndarray, w_t) -> np.ndarray:
+def linear(x: np.ndarray, w_t, out=None) -> np.ndarray:
     """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in]
     (or a Streamed compressed W, meant for one row).
 
@@ -53,10 +54,10 @@ def linear(x: np.ndarray, w_t) -> np.ndarray:
     weights is all that decoding one token costs.
     """
     if isinstance(w_t, Streamed):
-        return np.stack([w_t.matvec(row) for row in x])
+        return np.stack([w_t.matvec(row) for row in x], out=out)
     if x.shape[0] == 1:
-        return (w_t.T @ x[0])[None]
-    return x @ w_t
+        return np.matmul(w_t.T, x[0], out=None if out is None else out[0])[None]
+    return np.matmul(x, w_t, out=out)
 
 
 #: a compressed matrix is widened this many bytes of float32 at a time when it
@@ -90,17 +91,17 @@ class Streamed:
         return y
 
 
-def swiglu(gate_up: np.ndarray, hidden: int) -> np.ndarray:
+def swiglu(gate_up: np.ndarray, hidden: int, out=None) -> np.ndarray:
     """silu(gate) * up, where gate_up = [gate | up] along the last axis.
 
     silu(g) = g * sigmoid(g) = g / (1 + e^-g), with e^-g taken as
     2^(-g log2 e): NumPy's exp2 is faster than its exp. Computed in one
-    scratch array: at prefill sizes fresh temporaries cost more than the
-    arithmetic. The power may overflow to inf for very negative g; g/inf = -0
-    is the right limit.
+    array (`out` if given): at prefill sizes fresh temporaries cost more than
+    the arithmetic. The power may overflow to inf for very negative g;
+    g/inf = -0 is the right limit.
     """
     gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
-    out = np.multiply(gate, _MINUS_LOG2_E)
+    out = np.multiply(gate, _MINUS_LOG2_E, out=out)
     with np.errstate(over="ignore"):
         np.exp2(out, out=out)
     out += 1
@@ -162,15 +163,18 @@ class RopeTable:
             self.rot = (np.cos(angles) + 1j * np.sin(angles)).astype(np.complex64)
 
 
-def apply_rope(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
+def apply_rope(x: np.ndarray, rot: np.ndarray, out=None) -> np.ndarray:
     """Rotate each interleaved pair (x[2i], x[2i+1]) of every head by its angle.
 
     x is [T, heads, head_dim] (its last axis contiguous); this is Meta's layout
     (HF checkpoints are permuted into it at conversion time). Read as complex
     numbers a + ib, the rotation of a pair is one complex multiplication:
     (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos).
+    The result goes into `out` (float32, shaped as x) if given.
     """
-    return (x.view(np.complex64) * rot).view(np.float32)
+    z = np.multiply(x.view(np.complex64), rot,
+                    out=None if out is None else out.view(np.complex64))
+    return z.view(np.float32)
 
 
 #: queries per block in causal attention: a block only looks at the keys up to
@@ -189,33 +193,36 @@ _FUTURE = np.where(_PAST == 1, np.float32(0), np.float32(-np.inf))
 _SAFE_SUMS = (2.0 ** -100, 2.0 ** 64)
 
 
-class Scratch:
-    """A float32 buffer handed out again and again, grown when too small.
+class Workspace:
+    """Named float32 arrays reused from call to call (llama2.c's RunState).
 
-    Large temporaries made fresh on every call cost a page fault per 4 KiB
-    page (several microseconds each on a virtual machine); one reused buffer
-    pays them once. A caller must be done with one `take` before the next.
+    Each role (the normalised input, q/k/v, the scores, ...) gets one buffer,
+    allocated the first time and grown when a call needs more. Temporaries
+    of prefill size made fresh in every layer cost a page fault per 4 KiB
+    page, several microseconds each on a virtual machine; these pay them
+    once. An array taken for a role is valid until that role is taken again.
     """
 
     def __init__(self):
-        self.buf = np.empty(0, np.float32)
+        self.buffers: dict[str, np.ndarray] = {}
 
-    def take(self, shape) -> np.ndarray:
+    def take(self, role: str, shape) -> np.ndarray:
         n = math.prod(shape)
-        if n > len(self.buf):
-            self.buf = np.empty(n, np.float32)
-        return self.buf[:n].reshape(shape)
+        buf = self.buffers.get(role)
+        if buf is None or len(buf) < n:
+            buf = self.buffers[role] = np.empty(n, np.float32)
+        return buf[:n].reshape(shape)
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
-              scratch: Optional[Scratch] = None) -> np.ndarray:
+              work: Optional[Workspace] = None) -> np.ndarray:
     """Grouped-query causal attention: softmax(q k^T / sqrt(hd)) v.
 
     q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
     [n_kv, hd, start+T] (llamanp.kvcache's layout). Query head h uses kv head
     h // group, as Meta's repeat_kv does; grouping the queries instead of
     repeating the keys keeps it one batched matmul per block, without copying
-    the cache. `scratch` holds the score matrices between calls.
+    the cache. `work` lends the score matrices and the outputs.
 
     The softmax is taken in base 2: 2^(s * log2 e) = e^s, and folding log2 e
     into the (small) query scale lets NumPy's exp2 run, which is faster than
@@ -231,23 +238,28 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
         return attend_one(qg, keys, values).reshape(1, n_heads * hd)
     # queries as [n_kv, T, group, hd]: a block of consecutive queries is then
     # one contiguous [n * group, hd] matrix per kv head (rows ordered t, g)
-    qg = np.empty((n_kv, T, group, hd), np.float32)
+    work = work if work is not None else Workspace()
+    qg = work.take("queries", (n_kv, T, group, hd))
     np.multiply(q.reshape(T, n_kv, group, hd).transpose(1, 0, 2, 3), scale, out=qg)
-    out = np.empty((n_kv, T, group, hd), np.float32)
+    out = work.take("mixed", (n_kv, T, group, hd))
     for t0 in range(0, T, ATTENTION_BLOCK):
         t1 = min(T, t0 + ATTENTION_BLOCK)
         n, seen = t1 - t0, start + t1             # this block sees keys 0..seen-1
         attend_block(qg[:, t0:t1].reshape(n_kv, n * group, hd),
                      keys[..., :seen], values[..., :seen],
-                     out[:, t0:t1].reshape(n_kv, n * group, hd), group, scratch)
-    return out.transpose(1, 0, 2, 3).reshape(T, n_heads * hd)
+                     out[:, t0:t1].reshape(n_kv, n * group, hd), group,
+                     work.take("scores", (n_kv, n * group, seen)))
+    result = work.take("attention", (T, n_kv, group, hd))
+    result[:] = out.transpose(1, 0, 2, 3)
+    return result.reshape(T, n_heads * hd)
 
 
 def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
-                 group: int, scratch: Optional[Scratch]) -> None:
+                 group: int, buf: np.ndarray) -> None:
     """n consecutive queries (the last of them at the last key), rows of qb
     [n_kv, n * group, hd] ordered (t, g), against keys/values [n_kv, hd, seen];
-    writes the attention output into `out` [n_kv, n * group, hd].
+    writes the attention output into `out` [n_kv, n * group, hd]; the scores
+    go into `buf` [n_kv, n * group, seen].
 
     Every key before the block is in every query's past: only the block's own
     n keys need the causal mask. Its weights are zeroed after the power (2^-inf
@@ -257,7 +269,6 @@ def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.n
     """
     n_kv, rows, _ = qb.shape
     n, seen = rows // group, keys.shape[2]
-    buf = scratch.take((n_kv, rows, seen)) if scratch is not None else None
     for shift in (False, True):
         scores = np.matmul(qb, keys, out=buf)                   # [n_kv, rows, seen]
         own = scores.reshape(n_kv, n, group, seen)[..., seen - n:]
@@ -403,7 +414,7 @@ class Model:
         self._output_streamed = (Streamed(self.output, self._scratch)
                                  if isinstance(self.output, Packed) else None)
         self.rope = RopeTable(cfg)
-        self._attention_scratch = Scratch()       # score matrices, reused
+        self._work = Workspace()                  # the run state, reused
 
     # -- the weights, as float32 --------------------------------------------------
     def layer_weights(self, i: int) -> Layer:
@@ -480,17 +491,25 @@ class Model:
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
         x = self.embed(tokens)                                       # [T, dim], a copy
+        # the run state: one array per role, reused by every layer
+        work = self._work
+        h = work.take("normed", (T, cfg.dim))
+        qkv = work.take("qkv", (T, k_end + cfg.kv_dim))
+        qk = work.take("rotated", (T, n_qk, cfg.head_dim))
+        gate_up = work.take("gate_up", (T, 2 * H))
+        act = work.take("swiglu", (T, H))
+        delta = work.take("delta", (T, cfg.dim))
         for i in range(cfg.n_layers):
             layer = self._streamed[i] if T == 1 else self.layer_weights(i)
             # attention block: q and k are rotated together, in one call
-            qkv = linear(rmsnorm(x, layer.attention_norm, eps), layer.wqkv_t)
-            qk = apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot)
+            linear(rmsnorm(x, layer.attention_norm, eps, out=h), layer.wqkv_t, out=qkv)
+            apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot, out=qk)
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
             x += linear(self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
-                                     segments), layer.wo_t)
+                                     segments), layer.wo_t, out=delta)
             # feed-forward block (SwiGLU)
-            gate_up = linear(rmsnorm(x, layer.ffn_norm, eps), layer.w13_t)
-            x += linear(swiglu(gate_up, H), layer.w2_t)
+            linear(rmsnorm(x, layer.ffn_norm, eps, out=h), layer.w13_t, out=gate_up)
+            x += linear(swiglu(gate_up, H, out=act), layer.w2_t, out=delta)
         for s in segments:
             s.cache.advance(s.n)
         ends = np.cumsum([s.n for s in segments])
@@ -502,7 +521,7 @@ class Model:
         """Store each segment's keys/values in its cache and attend over them."""
         def one(s, q, k, v):
             keys, values = s.cache.update(layer, k, v)
-            return attention(q, keys, values, s.start, self._attention_scratch)
+            return attention(q, keys, values, s.start, self._work)
         if len(segments) == 1:
             return one(segments[0], q, k, v)
         out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
@@ -527,6 +546,12 @@ class Model:
         model's chat template, or in `template` (a name); see llamanp.chat."""
         from . import chat  # chat depends on nothing here; imported on use
         return chat.render(self, messages, template, add_generation_prompt)
+
+
+#: a long prompt is run through the model this many tokens at a time (as
+#: llama.cpp's micro-batches are): the products are as efficient at 512 rows
+#: as at more, and the run state's arrays stay a bounded size
+PREFILL_BATCH = 512
 
 
 class Session:
@@ -559,10 +584,16 @@ class Session:
         """Append `ids` and return the logits of the last one ([vocab]), or of
         all of them ([len(ids), vocab]) with all_logits.
 
-        fill1 runs them one at a time, as decoding does, instead of one batch.
+        fill1 runs them one at a time, as decoding does, instead of in
+        batches of up to PREFILL_BATCH.
         """
         ids = self.check(ids)
-        chunks = [[i] for i in ids] if fill1 else [ids]
+        if fill1:
+            chunks = [[i] for i in ids]
+        elif self.cache.recompute:    # no cache: the whole sequence is run anyway
+            chunks = [ids]
+        else:
+            chunks = [ids[i:i + PREFILL_BATCH] for i in range(0, len(ids), PREFILL_BATCH)]
         outs = [self._run(chunk, all_logits) for chunk in chunks]
         return np.concatenate(outs) if all_logits else outs[-1][-1]
 

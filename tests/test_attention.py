@@ -59,7 +59,7 @@ def test_attention_with_scores_beyond_float32_exp(T, start, case):
         keys[:] = -11 + rng.standard_normal(keys.shape, dtype=np.float32) * 0.3
     values = rng.standard_normal((n_kv, start + T, hd), dtype=np.float32)
     got = M.attention(q, keys.transpose(0, 2, 1), values.transpose(0, 2, 1), start,
-                      M.Scratch())
+                      M.Workspace())
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference_attention(q, keys, values, start),
                                rtol=1e-4, atol=1e-4)
