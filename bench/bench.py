@@ -967,6 +967,45 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def llama_cpp_isa(llama_cpp) -> str:
+    """The vector instruction sets this llama.cpp was compiled for, from its
+    system info ("AVX2 = 1 | AVX512 = 1 | ...")."""
+    try:
+        info = llama_cpp.llama_print_system_info()
+        info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
+    except Exception:   # an old or odd build: the header just says so
+        return "unknown instruction sets"
+    on = [part.split("=")[0].strip() for part in info.replace("CPU :", "").split("|")
+          if part.strip().endswith("= 1") and part.split("=")[0].strip().startswith("AVX")]
+    return ", ".join(on) if on else "no AVX"
+
+
+def blas_kernels_line() -> Optional[str]:
+    """A header line naming OpenBLAS's kernels here, and, when the environment
+    chose them (OPENBLAS_CORETYPE), the ones OpenBLAS picks for this CPU by
+    itself: asked of a fresh Python without that variable, since OpenBLAS
+    reads it once, when it loads."""
+    here = threads.blas_kernels()
+    if here is None:
+        return None
+    pinned = os.environ.get("OPENBLAS_CORETYPE", "")
+    if not pinned:
+        return f"- BLAS kernels: OpenBLAS {here}, its own choice for this CPU"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    code = "import numpy; from llamanp.threads import blas_kernels; print(blas_kernels())"
+    try:
+        own = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        own = "unknown"
+    line = f"- BLAS kernels: OpenBLAS {here}, set by OPENBLAS_CORETYPE={pinned} in the environment"
+    if own != here:
+        line += (f"; without it OpenBLAS picks {own} on this CPU (its sgemm rate, and so "
+                 "the batched prefill, differ accordingly)")
+    return line
+
+
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
@@ -1127,6 +1166,9 @@ def main(argv=None) -> int:
               f"- every figure: median of {plan.runs} run{'s' if plan.runs > 1 else ''} "
               "[min–max], all configurations "
               "interleaved round-robin; ratios: median [min–max] of the per-run ratios"]
+    kernels = blas_kernels_line()
+    if kernels:
+        header.insert(-1, kernels)
 
     rss = {}
     if not args.no_rss:   # first, while this process is small: a child's ru_maxrss
@@ -1161,7 +1203,8 @@ def main(argv=None) -> int:
             header.append(f"- transformers {transformers.__version__} / torch "
                           f"{torch.__version__}, LlamaForCausalLM float32 "
                           f"({hf.config._attn_implementation} attention, "
-                          f"{torch.get_num_threads()} torch threads), from {where}; "
+                          f"{torch.get_num_threads()} torch threads, "
+                          f"{torch.backends.cpu.get_cpu_capability()} kernels), from {where}; "
                           f"max |logits diff| vs llamanp on 16 tokens: {diff:.2g}")
             tasks += transformers_tasks(hf, plan, rng_seed, cfg.vocab_size)
             engines.append("transformers")
@@ -1191,7 +1234,7 @@ def main(argv=None) -> int:
             check = "" if diff is None else \
                 f"; max |logits diff| vs llamanp on 16 tokens: {diff:.2g}"
             header.append(f"- llama-cpp-python {getattr(llama_cpp, '__version__', '?')} on "
-                          f"{gguf.name}{check}")
+                          f"{gguf.name}{check}; built for {llama_cpp_isa(llama_cpp)}")
             tasks += llama_cpp_tasks(llm, plan, rng_seed, cfg.vocab_size)
             engines.append("llama-cpp")
 

@@ -181,3 +181,26 @@ def blas_library() -> Optional[str]:
     """The path of the BLAS library that set_threads drives by ctypes, if any."""
     api = _find_ctypes_api() if _blas_loaded() else None
     return api[2] if api else None
+
+
+#: OpenBLAS's name for the kernels it chose for this CPU (or was told to use
+#: by the OPENBLAS_CORETYPE environment variable): Haswell is AVX2,
+#: SkylakeX / Cooperlake / SapphireRapids use AVX-512
+_CORENAME_SYMBOLS = ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename64_", "openblas_get_corename")
+
+
+def blas_kernels() -> Optional[str]:
+    """The kernel set OpenBLAS runs on this CPU ("Haswell", "SkylakeX", ...),
+    or None for another BLAS or before NumPy is loaded."""
+    api = _find_ctypes_api() if _blas_loaded() else None
+    if api is None:
+        return None
+    lib = ctypes.CDLL(api[2])
+    for name in _CORENAME_SYMBOLS:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.argtypes, fn.restype = [], ctypes.c_char_p
+            raw = fn()
+            return raw.decode(errors="replace").strip() if raw else None
+    return None

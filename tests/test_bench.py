@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib.util
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -175,6 +177,32 @@ def test_set_threads_before_numpy_uses_the_environment():
     first, second = proc.stdout.split("\n")[:2]
     assert first == "True environment"
     assert second in ("1", "None"), proc.stdout   # None: a BLAS that does not tell
+
+
+def test_blas_kernels_names_the_kernels_openblas_was_told_to_use():
+    """OPENBLAS_CORETYPE makes OpenBLAS use the named kernels (its documented
+    behaviour); blas_kernels must report that name, and bench's header must
+    say the kernels were chosen by the environment."""
+    if threads.blas_kernels() is None:
+        pytest.skip("NumPy's BLAS here is not an OpenBLAS that names its kernels")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the kernel names asked for below are x86-64 ones")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+            "import numpy, bench; from llamanp.threads import blas_kernels\n"
+            "print(blas_kernels()); print(bench.blas_kernels_line())\n")
+    # SSE4.2 and AVX2 kernels (a CPU without AVX2 gets OpenBLAS's own fallback)
+    for name in ("Nehalem", "Haswell"):
+        env = dict(os.environ, OPENBLAS_CORETYPE=name)
+        proc = subprocess.run([sys.executable, "-c", code, str(REPO), str(REPO / "bench")],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        kernels, line = proc.stdout.splitlines()[:2]
+        if name == "Haswell" and kernels != name:
+            assert "avx2" not in open("/proc/cpuinfo").read(), kernels
+            continue
+        assert kernels == name
+        assert line.startswith(f"- BLAS kernels: OpenBLAS {name}, set by "
+                               f"OPENBLAS_CORETYPE={name} in the environment")
 
 
 # --- bench/lmw_to_gguf.py ---------------------------------------------------------
