@@ -12,7 +12,8 @@ Weights are read-only views into the memory-mapped .lmw file (f32 files), or
 are widened to float32 one layer at a time into buffers reused for every layer
 (f16 / bf16 / q8_0 files). Everything that does not depend on the tokens (RoPE
 tables, weight views, buffers) is prepared once at load time, so the per-token
-work is a handful of large NumPy calls.
+work is a handful of large NumPy calls, and their results land in arrays a
+Workspace lends again and again (the run state), not in fresh temporaries.
 """
 
 from __future__ import annotations
