@@ -440,6 +440,25 @@ def test_kvcache_modes_agree(store, cid, kvcache, fill1):
     assert [int(t) for t in toks] == ref.greedy
 
 
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_prefill_in_micro_batches_matches_reference(store, monkeypatch, batch):
+    """A prompt longer than PREFILL_BATCH is run a slice at a time (the
+    Workspace's arrays are then reused at a smaller size, and each slice's
+    attention continues the cache): the logits of every position must still
+    be the reference's."""
+    from llamanp import model as M
+
+    c = CASE_BY_ID[KV_CASES[0]]
+    m = store.load(c)
+    ref = store.reference(c.spec, c.bf16)
+    assert len(ref.ids) > batch
+    monkeypatch.setattr(M, "PREFILL_BATCH", batch)
+    got = m.logits(ref.ids)
+    assert _maxdiff(got, ref.logits) <= TOL
+    monkeypatch.undo()
+    assert _maxdiff(m.logits(ref.ids), got) <= 1e-5 * max(1.0, float(np.abs(got).max()))
+
+
 def test_convert_api(store, tmp_path):
     """llamanp.convert.convert(): same result as the CLI; refuses to
     overwrite without force; embeds a tokenizer when given one."""
