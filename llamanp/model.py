@@ -92,6 +92,9 @@ class Streamed:
         return y
 
 
+_MINUS_LOG2_E = np.float32(-math.log2(math.e))
+
+
 def swiglu(gate_up: np.ndarray, hidden: int, out=None) -> np.ndarray:
     """silu(gate) * up, where gate_up = [gate | up] along the last axis.
 
@@ -109,9 +112,6 @@ def swiglu(gate_up: np.ndarray, hidden: int, out=None) -> np.ndarray:
     np.divide(gate, out, out=out)
     out *= up
     return out
-
-
-_MINUS_LOG2_E = np.float32(-math.log2(math.e))
 
 
 def rope_frequencies(head_dim: int, theta: float,
@@ -314,7 +314,9 @@ def softmax_parts_(scores: np.ndarray, shift: bool, masked=None, mask=None):
     so that pass and its reduction are skipped (shift=False) and the sums are
     checked instead (see _sums_safe): the caller redoes a block with shift=True
     in the rare case they are not. The sums come from a matrix-vector product
-    with ones, which BLAS runs faster than a NumPy reduction.
+    with ones, which BLAS runs faster than a NumPy reduction; the caller
+    divides the (narrow) attention output by them, which is cheaper than
+    dividing the (wide) weights.
     """
     if shift:
         scores -= scores.max(axis=-1, keepdims=True)
