@@ -482,6 +482,11 @@ class Model:
         the weights for the whole batch); attention runs per segment, against
         that sequence's own cache. Returns the logits of the last `n_logits`
         positions of every segment, stacked in segment order.
+
+        The last layer runs its queries, wo and feed-forward only for those
+        positions: every layer's keys and values are needed (they go into the
+        cache), but the other rows' outputs of the last layer would only feed
+        logits nobody asked for (llama.cpp skips them the same way).
         """
         cfg = self.config
         T = len(tokens)
@@ -493,6 +498,7 @@ class Model:
             rot = self.rope.at(np.concatenate(
                 [np.arange(s.start, s.start + s.n) for s in segments]))
 
+        n_logits = min(n_logits, min(s.n for s in segments))
         x = self.embed(tokens)                                       # [T, dim], a copy
         # the run state: one array per role, reused by every layer
         work = self._work
@@ -508,30 +514,41 @@ class Model:
             linear(rmsnorm(x, layer.attention_norm, eps, out=h), layer.wqkv_t, out=qkv)
             apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot, out=qk)
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
-            x += linear(self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
-                                     segments), layer.wo_t, out=delta)
+            last = n_logits if i == cfg.n_layers - 1 else None
+            mixed = self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
+                                 segments, last)
+            if len(mixed) < len(x):    # the last layer: only the wanted rows go on
+                x = x[self._last_rows(segments, n_logits)]
+            n = len(x)
+            x += linear(mixed, layer.wo_t, out=delta[:n])
             # feed-forward block (SwiGLU)
-            linear(rmsnorm(x, layer.ffn_norm, eps, out=h), layer.w13_t, out=gate_up)
-            x += linear(swiglu(gate_up, H, out=act), layer.w2_t, out=delta)
+            linear(rmsnorm(x, layer.ffn_norm, eps, out=h[:n]), layer.w13_t, out=gate_up[:n])
+            x += linear(swiglu(gate_up[:n], H, out=act[:n]), layer.w2_t, out=delta[:n])
         for s in segments:
             s.cache.advance(s.n)
-        ends = np.cumsum([s.n for s in segments])
-        rows = x[T - n_logits:] if len(segments) == 1 else \
-            x[np.concatenate([np.arange(e - n_logits, e) for e in ends])]
-        return self.output_logits(rmsnorm(rows, self.norm, eps))
+        return self.output_logits(rmsnorm(x, self.norm, eps))
 
-    def _attend(self, layer: int, q, k, v, segments) -> np.ndarray:
-        """Store each segment's keys/values in its cache and attend over them."""
+    @staticmethod
+    def _last_rows(segments, n: int) -> np.ndarray:
+        """The indices of each segment's last n rows in the batch."""
+        ends = np.cumsum([s.n for s in segments])
+        return np.concatenate([np.arange(e - n, e) for e in ends])
+
+    def _attend(self, layer: int, q, k, v, segments, last: Optional[int] = None) -> np.ndarray:
+        """Store each segment's keys/values in its cache and attend over them:
+        all of a segment's queries, or (`last`) only its last ones."""
         def one(s, q, k, v):
             keys, values = s.cache.update(layer, k, v)
-            return attention(q, keys, values, s.start, self._work)
+            skip = 0 if last is None else s.n - last
+            return attention(q[skip:], keys, values, s.start + skip, self._work)
         if len(segments) == 1:
             return one(segments[0], q, k, v)
-        out = np.empty((q.shape[0], q.shape[1] * q.shape[2]), np.float32)
-        row = 0
-        for s in segments:
-            out[row:row + s.n] = one(s, q[row:row + s.n], k[row:row + s.n], v[row:row + s.n])
-            row += s.n
+        per = [s.n if last is None else last for s in segments]
+        out = np.empty((sum(per), q.shape[1] * q.shape[2]), np.float32)
+        row = at = 0
+        for s, m in zip(segments, per):
+            out[at:at + m] = one(s, q[row:row + s.n], k[row:row + s.n], v[row:row + s.n])
+            row, at = row + s.n, at + m
         return out
 
     # -- conveniences ---------------------------------------------------------------

@@ -440,6 +440,22 @@ def test_kvcache_modes_agree(store, cid, kvcache, fill1):
     assert [int(t) for t in toks] == ref.greedy
 
 
+@pytest.mark.parametrize("cid", KV_CASES)
+def test_last_logits_only_match_reference(store, cid):
+    """Asking for the last position's logits only lets the last layer skip
+    every other row after its keys and values are stored; the logits must be
+    the reference's, and a continuation must still see the whole cache."""
+    c = CASE_BY_ID[cid]
+    m = store.load(c)
+    ref = store.reference(c.spec, c.bf16)
+    cut = len(ref.ids) // 2
+    s = m.session()
+    first = s.feed(ref.ids[:cut])
+    assert _maxdiff(first, ref.logits[cut - 1]) <= TOL
+    rest = s.feed(ref.ids[cut:])
+    assert _maxdiff(rest, ref.logits[-1]) <= TOL
+
+
 @pytest.mark.parametrize("batch", [1, 3, 7])
 def test_prefill_in_micro_batches_matches_reference(store, monkeypatch, batch):
     """A prompt longer than PREFILL_BATCH is run a slice at a time (the
