@@ -973,7 +973,7 @@ def llama_cpp_isa(llama_cpp) -> str:
     try:
         info = llama_cpp.llama_print_system_info()
         info = info.decode(errors="replace") if isinstance(info, bytes) else str(info)
-    except Exception:   # an old or odd build: the header just says so
+    except (AttributeError, TypeError, OSError):   # an old or odd build
         return "unknown instruction sets"
     on = [part.split("=")[0].strip() for part in info.replace("CPU :", "").split("|")
           if part.strip().endswith("= 1") and part.split("=")[0].strip().startswith("AVX")]

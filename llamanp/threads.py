@@ -20,6 +20,9 @@ three routes are tried, in this order:
    when NumPy has not been imported yet, or, with `reexec=True`, by starting
    this program again with them set.
 
+`blas_kernels()` also names the kernels OpenBLAS runs on this CPU, which set
+the speed of every batched matrix product.
+
 This module imports nothing heavy at import time, so that route 3 can still
 work when it is imported before NumPy.
 """
@@ -183,9 +186,9 @@ def blas_library() -> Optional[str]:
     return api[2] if api else None
 
 
-#: OpenBLAS's name for the kernels it chose for this CPU (or was told to use
-#: by the OPENBLAS_CORETYPE environment variable): Haswell is AVX2,
-#: SkylakeX / Cooperlake / SapphireRapids use AVX-512
+#: the exported names of OpenBLAS's function that names the kernels it chose
+#: for this CPU (or was told to use by the OPENBLAS_CORETYPE environment
+#: variable): Haswell is AVX2, SkylakeX / Cooperlake / SapphireRapids AVX-512
 _CORENAME_SYMBOLS = ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
                      "openblas_get_corename64_", "openblas_get_corename")
 
