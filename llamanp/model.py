@@ -187,10 +187,9 @@ ATTENTION_BLOCK = 128
 #: (columns): a key at or before the query is in its past, a later one in its
 #: future. A smaller block uses the top-left corner.
 _PAST = np.tril(np.ones((ATTENTION_BLOCK, ATTENTION_BLOCK), np.float32))
-_FUTURE = np.where(_PAST == 1, np.float32(0), np.float32(-np.inf))
 
 #: softmax's sums must land in this range when the scores are exponentiated
-#: without first subtracting their maximum (see softmax_parts_)
+#: without first subtracting their maximum (see softmax_parts)
 _SAFE_SUMS = (2.0 ** -100, 2.0 ** 64)
 
 
@@ -263,21 +262,14 @@ def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.n
     go into `buf` [n_kv, n * group, seen].
 
     Every key before the block is in every query's past: only the block's own
-    n keys need the causal mask. Its weights are zeroed after the power (2^-inf
-    is 0 too, but NumPy's exp2 is several times slower on arrays with -inf in
-    them); when the maxima are subtracted, the future keys must be out of the
-    maxima, so they get -inf first.
+    n keys need the causal mask.
     """
     n_kv, rows, _ = qb.shape
     n, seen = rows // group, keys.shape[2]
-    for shift in (False, True):
-        scores = np.matmul(qb, keys, out=buf)                   # [n_kv, rows, seen]
-        own = scores.reshape(n_kv, n, group, seen)[..., seen - n:]
-        if shift:
-            own += _FUTURE[:n, None, :n]
-        weights, sums = softmax_parts_(scores, shift, own, _PAST[:n, None, :n])
-        if shift or _sums_safe(sums):
-            break
+    weights, sums = softmax_parts(
+        lambda: np.matmul(qb, keys, out=buf),                  # [n_kv, rows, seen]
+        lambda scores: scores.reshape(n_kv, n, group, seen)[..., seen - n:],
+        _PAST[:n, None, :n])
     np.matmul(weights, values.transpose(0, 2, 1), out=out)
     out /= sums[..., None]
 
@@ -292,39 +284,47 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarr
     streaming the cache is all that decoding costs at long contexts). No
     mask: a single new token sees everything.
     """
-    for shift in (False, True):
-        # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
-        w, sums = softmax_parts_(np.matmul(qg, keys[:, None]), shift)
-        if shift or _sums_safe(sums):
-            break
+    # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
+    w, sums = softmax_parts(lambda: np.matmul(qg, keys[:, None]))
     # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
     mixed = np.matmul(values[:, None], w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     mixed /= sums[..., None]
     return mixed
 
 
-def softmax_parts_(scores: np.ndarray, shift: bool, masked=None, mask=None):
+def softmax_parts(scores_of, own_keys=None, past=None):
     """Softmax without its division: (2^scores, their sums over the last
-    axis), the power taken in place; the part `masked` of scores (a view) is
-    multiplied by `mask` after the power and before the sums.
+    axis). `scores_of()` computes the scores (the power overwrites them);
+    `own_keys(scores)` is the view of the scores that the causal mask `past`
+    (1 for a key in the query's past, 0 for one in its future) covers.
 
     Softmax does not change when a constant is taken off a row, so the usual
     subtraction of each row's maximum is only there to keep 2^s inside
     float32. Attention scores are almost always far from the edges (|s| < 100),
-    so that pass and its reduction are skipped (shift=False) and the sums are
-    checked instead (see _sums_safe): the caller redoes a block with shift=True
-    in the rare case they are not. The sums come from a matrix-vector product
-    with ones, which BLAS runs faster than a NumPy reduction; the caller
-    divides the (narrow) attention output by them, which is cheaper than
-    dividing the (wide) weights.
+    so that pass and its reduction are skipped at first and the sums are
+    checked instead (see _sums_safe); in the rare case they fail, the scores
+    are computed again and shifted. The mask zeroes the future keys' weights
+    after the power (2^-inf is 0 too, but NumPy's exp2 is several times slower
+    on arrays with -inf in them); before a shift they get -inf, so that they
+    stay out of the maxima. The sums come from a matrix-vector product with
+    ones, which BLAS runs faster than a NumPy reduction; the caller divides
+    the (narrow) attention output by them, which is cheaper than dividing the
+    (wide) weights.
     """
-    if shift:
-        scores -= scores.max(axis=-1, keepdims=True)
-    with np.errstate(over="ignore", invalid="ignore"):
-        np.exp2(scores, out=scores)
-        if masked is not None:
-            masked *= mask          # inf * 0 is NaN: it fails the sums check
-    return scores, np.matmul(scores, np.ones(scores.shape[-1], np.float32))
+    for shift in (False, True):
+        scores = scores_of()
+        own = own_keys(scores) if own_keys is not None else None
+        if shift:
+            if own is not None:
+                np.copyto(own, -np.inf, where=past == 0)
+            scores -= scores.max(axis=-1, keepdims=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.exp2(scores, out=scores)
+            if own is not None:
+                own *= past         # inf * 0 is NaN: it fails the sums check
+        sums = np.matmul(scores, np.ones(scores.shape[-1], np.float32))
+        if shift or _sums_safe(sums):
+            return scores, sums
 
 
 def _sums_safe(sums: np.ndarray) -> bool:
