@@ -48,14 +48,14 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out=None) -> np.ndarr
 
 def linear(x: np.ndarray, w_t, out=None) -> np.ndarray:
     """x @ W^T: x is [T, in], w_t is W^T [in, out], a transposed view of W [out, in]
-    (or a Streamed compressed W, meant for one row).
+    (or a Streamed compressed W).
 
     One row (decoding) is a matrix-vector product on W itself: BLAS's gemv
     streams the weights faster than a one-row gemm does, and streaming the
     weights is all that decoding one token costs.
     """
     if isinstance(w_t, Streamed):
-        return np.stack([w_t.matvec(row) for row in x], out=out)
+        return w_t.times(x, out)
     if x.shape[0] == 1:
         return np.matmul(w_t.T, x[0], out=None if out is None else out[0])[None]
     return np.matmul(x, w_t, out=out)
@@ -67,11 +67,12 @@ STREAM_CHUNK_BYTES = 1 << 20
 
 
 class Streamed:
-    """A compressed matrix W [out, in] (a Packed), multiplied by one vector a
-    few rows at a time: each chunk of rows is widened into a small float32
-    scratch buffer that is still in the CPU cache when gemv reads it. For one
+    """A compressed matrix W [out, in] (a Packed), multiplied a few of its rows
+    at a time: each chunk of rows is widened into a small float32 scratch
+    buffer that is still in the CPU cache when the product reads it. For one
     token this beats widening W whole (which writes it all out to memory and
-    reads it back); for many tokens the whole widened matrix and one gemm win.
+    reads it back); for many tokens the whole widened matrix and one gemm win,
+    except for the output matrix, which is never widened whole.
     """
 
     def __init__(self, packed: Packed, scratch: np.ndarray):
@@ -80,15 +81,19 @@ class Streamed:
         out_dim, in_dim = packed.shape
         self.step = max(1, min(out_dim, len(scratch) // in_dim))
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """W @ x, float32 [out]."""
+    def times(self, x: np.ndarray, out=None) -> np.ndarray:
+        """x @ W^T for rows x [T, in], float32 [T, out] (into `out` if given);
+        one row is a matrix-vector product per chunk, as in linear()."""
         out_dim, in_dim = self.packed.shape
-        y = np.empty(out_dim, np.float32)
+        y = np.empty((len(x), out_dim), np.float32) if out is None else out
         for lo in range(0, out_dim, self.step):
             hi = min(lo + self.step, out_dim)
             chunk = self.scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim)
             self.packed.rows(lo, hi).widen(out=chunk)
-            np.matmul(chunk, x, out=y[lo:hi])
+            if len(x) == 1:
+                np.matmul(chunk, x[0], out=y[0, lo:hi])
+            else:
+                np.matmul(x, chunk.T, out=y[:, lo:hi])
         return y
 
 
@@ -443,22 +448,12 @@ class Model:
     def output_logits(self, h: np.ndarray) -> np.ndarray:
         """output · h for normalised rows h [n, dim]: float32 logits [n, vocab].
 
-        A compressed output matrix is widened a few rows at a time into the
-        scratch buffer and multiplied chunk by chunk, never whole.
+        A compressed output matrix is streamed (widened a few rows at a time
+        into the scratch buffer and multiplied chunk by chunk), never whole.
         """
-        w = self.output
-        if not isinstance(w, Packed):
-            return linear(h, w.T)
-        if len(h) == 1:
+        if self._output_streamed is not None:
             return linear(h, self._output_streamed)
-        vocab, dim = w.shape
-        logits = np.empty((len(h), vocab), np.float32)
-        step = max(1, len(self._scratch) // dim)
-        for lo in range(0, vocab, step):
-            hi = min(lo + step, vocab)
-            chunk = w.rows(lo, hi).widen(out=self._scratch[:(hi - lo) * dim].reshape(-1, dim))
-            np.matmul(h, chunk.T, out=logits[:, lo:hi])
-        return logits
+        return linear(h, self.output.T)
 
     @property
     def buffer_bytes(self) -> int:
