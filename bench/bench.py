@@ -193,8 +193,7 @@ def llamanp_decode(model, kv: str, ctx: int, steps: int, rng) -> Callable[[], fl
 
     def make_base():
         s = model.session(kv, max_seq_len=len(prefix) + steps)
-        for i in range(0, len(prefix), 512):   # chunks: bounded attention scratch
-            s.feed(prefix[i:i + 512])
+        s.feed(prefix)          # Session.feed prefills long prompts in micro-batches
         return s
     base = Lazy(make_base)
 
