@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import inputfile
 from .chat import TEMPLATE_NAMES, ChatTemplate, check_messages, choose_template
 from .cliutil import run_main
 from .errors import LlamanpError
@@ -337,13 +338,9 @@ def read_conversation(path, tokenizer) -> list[dict]:
         return LlamanpError(f"cannot load {path}: {why}; the conversation is unchanged")
 
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise bad(e.strerror or "unreadable") from None
-    except UnicodeDecodeError:
-        raise bad("it is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise bad(f"not valid JSON (line {e.lineno}, column {e.colno})") from None
+        doc = inputfile.load(path)     # bounded: size, nesting, digits; regular files only
+    except inputfile.JsonFileError as e:
+        raise bad(e.problem) from None
     if isinstance(doc, dict):
         if doc.get("format") != FILE_FORMAT:
             raise bad(f"not a saved conversation (no \"format\": \"{FILE_FORMAT}\")")

@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from . import quant
+from . import inputfile, quant
 from .config import Config
 from .errors import LlamanpError
 from .tokenizer import TokenizerData
@@ -146,9 +146,9 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
     if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > size:
         raise _bad(path, f"header length {hlen} runs past the end of the file (truncated?)")
     try:
-        header = json.loads(bytes(mm[PREAMBLE.size:PREAMBLE.size + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"header is not valid JSON ({e.__class__.__name__})") from None
+        header = inputfile.loads(bytes(mm[PREAMBLE.size:PREAMBLE.size + hlen]), "header")
+    except inputfile.JsonFileError as e:
+        raise _bad(path, f"{e.where}: {e.problem}") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
     for key in ("config", "tensors"):

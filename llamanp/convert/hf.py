@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import os
 import re
 from typing import Callable, Optional
 
 import numpy as np
 
+from .. import inputfile
 from ..config import Config, RopeScaling
 from ..errors import LlamanpError
 from ..tokenizer import TokenizerData, read_tokenizer_file
@@ -110,16 +110,9 @@ _LLAMA3_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor",
 def _read_json(path: str, where: str) -> dict:
     """A JSON object from a file; any failure is one LlamanpError naming the file."""
     name = os.path.basename(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise LlamanpError(f"{where}: {name} is missing") from None
-    except OSError as e:
-        raise LlamanpError(f"{where}: cannot read {name}: {e.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamanpError(f"{where}: {name} is not valid JSON ({e}); "
-                           "download it again") from None
+    if not os.path.lexists(path):
+        raise LlamanpError(f"{where}: {name} is missing")
+    obj = inputfile.load(path, f"{where}: {name}")
     if not isinstance(obj, dict):
         raise LlamanpError(f"{where}: {name} must hold a JSON object")
     return obj

@@ -25,13 +25,13 @@ models, 4096 otherwise (params.json does not record the trained context).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Callable, Optional
 
 import numpy as np
 
+from .. import inputfile
 from ..config import Config, RopeScaling
 from ..errors import LlamanpError
 from ..tokenizer import read_tokenizer_file
@@ -103,10 +103,9 @@ def _read_params(directory: str) -> dict:
         raise LlamanpError(f"{directory}: no params.json beside the consolidated.*.pth "
                            "files; a Meta checkpoint needs it")
     try:
-        with open(path, encoding="utf-8") as f:
-            params = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamanpError(f"cannot read {path}: {e}") from None
+        params = inputfile.load(path)
+    except inputfile.JsonFileError as e:
+        raise LlamanpError(f"cannot read {path}: {e.problem}") from None
     if not isinstance(params, dict):
         raise LlamanpError(f"{path} must hold a JSON object")
     return params

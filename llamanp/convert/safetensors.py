@@ -24,14 +24,14 @@ tensor made of some other tensor's bytes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
 
 import numpy as np
 
-from ..errors import LlamanpError
+from .. import inputfile
+from ..errors import LlamanpError, brief
 
 __all__ = ["SafetensorsTensor", "load", "read_metadata"]
 
@@ -64,6 +64,7 @@ _LENGTH = struct.Struct("<Q")
 # The reference implementation refuses larger headers; so do we, before reading one.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _METADATA_KEY = "__metadata__"
+_MAX_DIMS = 8            # torch allows more, but no weight has more than a few
 
 
 class SafetensorsTensor:
@@ -140,11 +141,11 @@ class _DuplicateKey(Exception):
 
 def _read_header(path: str, where: str) -> tuple[dict, int, int]:
     """The parsed header, the offset of the byte buffer, and the file size."""
-    try:
-        size = os.path.getsize(path)
+    with inputfile.open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         if size < _LENGTH.size:
             raise _bad(where, f"only {size} bytes long, too short for a header")
-        with open(path, "rb") as f:
+        try:
             (n,) = _LENGTH.unpack(f.read(_LENGTH.size))
             if n > size - _LENGTH.size:
                 raise _bad(where, f"the header claims {n} bytes but the file has only "
@@ -152,18 +153,14 @@ def _read_header(path: str, where: str) -> tuple[dict, int, int]:
             if n > _MAX_HEADER_BYTES:
                 raise _bad(where, f"the header claims {n} bytes, over the 100 MB limit")
             text = f.read(n)
-    except FileNotFoundError:
-        raise LlamanpError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise LlamanpError(f"{path} is a directory, not a safetensors file") from None
-    except OSError as e:
-        raise LlamanpError(f"cannot read {path}: {e.strerror}") from None
+        except OSError as e:
+            raise LlamanpError(f"cannot read {path}: {e.strerror}") from None
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+        header = inputfile.loads(text, where, object_pairs_hook=_refuse_duplicate_keys)
     except _DuplicateKey as e:
-        raise _bad(where, f"the header names {e.args[0]!r} twice") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _bad(where, "the header is not UTF-8 JSON") from None
+        raise _bad(where, f"the header names {brief(e.args[0])} twice") from None
+    except inputfile.JsonFileError as e:
+        raise _bad(where, f"the header is not UTF-8 JSON within bounds ({e.problem})") from None
     if not isinstance(header, dict):
         raise _bad(where, "the header is not a JSON object")
     return header, _LENGTH.size + n, size
@@ -176,23 +173,26 @@ def _is_count(v) -> bool:
 def _checked_entry(name: str, entry, buffer_size: int, where: str) -> tuple[str, tuple, int, int]:
     """(dtype, shape, begin, end) of one header entry, after checking it."""
     if not isinstance(entry, dict):
-        raise _bad(where, f"the header entry of tensor {name!r} is not an object")
+        raise _bad(where, f"the header entry of tensor {brief(name)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _ELEMENT_TYPES:
-        raise _bad(where, f"tensor {name!r} has unknown dtype {dtype!r} (known: "
+    if not isinstance(dtype, str) or dtype not in _ELEMENT_TYPES:
+        raise _bad(where, f"tensor {brief(name)} has unknown dtype {brief(dtype)} (known: "
                           f"{', '.join(_ELEMENT_TYPES)})")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _bad(where, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not isinstance(shape, list) or len(shape) > _MAX_DIMS \
+            or not all(_is_count(d) for d in shape):
+        raise _bad(where, f"tensor {brief(name)} has shape {brief(shape)}, not a list of "
+                          f"at most {_MAX_DIMS} sizes")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(_is_count(o) for o in offsets)):
-        raise _bad(where, f"tensor {name!r} has data_offsets {offsets!r}, not [begin, end]")
+        raise _bad(where, f"tensor {brief(name)} has data_offsets {brief(offsets)}, "
+                          "not [begin, end]")
     begin, end = offsets
     if not begin <= end <= buffer_size:
-        raise _bad(where, f"tensor {name!r} claims bytes {begin}..{end} but the data "
+        raise _bad(where, f"tensor {brief(name)} claims bytes {begin}..{end} but the data "
                           f"section has {buffer_size} bytes")
     nbytes = math.prod(shape) * _ELEMENT_TYPES[dtype].itemsize
     if end - begin != nbytes:
-        raise _bad(where, f"tensor {name!r} is {dtype} {shape}, which is {nbytes} bytes, "
+        raise _bad(where, f"tensor {brief(name)} is {dtype} {shape}, which is {nbytes} bytes, "
                           f"but its data_offsets span {end - begin}")
     return dtype, tuple(shape), begin, end
 
@@ -202,7 +202,8 @@ def _check_no_overlaps(regions: list[tuple[int, int, str]], where: str) -> None:
     previous_end, previous_name = 0, None
     for begin, end, name in sorted(r for r in regions if r[0] < r[1]):
         if begin < previous_end:
-            raise _bad(where, f"tensors {previous_name!r} and {name!r} claim the same bytes")
+            raise _bad(where, f"tensors {brief(previous_name)} and {brief(name)} claim the "
+                              "same bytes")
         previous_end, previous_name = end, name
 
 

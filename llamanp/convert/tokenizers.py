@@ -35,10 +35,12 @@ from __future__ import annotations
 import base64
 import json
 import operator
+import os
 import struct
 from pathlib import Path
 from typing import Optional
 
+from .. import inputfile
 from ..errors import LlamanpError
 from ..tokenizer import LLAMA3_PATTERN, TokenizerData, merge_pairs, read_tokenizer_file
 
@@ -543,18 +545,11 @@ def tokenizer_from_hf_files(directory) -> Optional[TokenizerData]:
 
 
 def _read_json(path: Path, required: bool):
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         if required:
-            raise LlamanpError(f"{path} does not exist") from None
+            raise LlamanpError(f"{path} does not exist")
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlamanpError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LlamanpError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    return inputfile.load(path)       # bounded: size, nesting, digits; regular files only
 
 
 def _chat_template(d: Path, config: dict) -> Optional[str]:

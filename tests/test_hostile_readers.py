@@ -1,0 +1,272 @@
+"""Hostile and corrupt checkpoints: every reader refuses them with one clear line.
+
+Named regression tests for each family of issue 12 (the fuzzer in
+test_fuzz.py keeps the contract on mutated inputs; these are the hand-built
+cases). Where it matters the input goes through the real ``convert.py``
+command line: exit status not 0, exactly one ``error:`` line, no traceback,
+no file left behind, bounded time. torch.load is the reference for what
+must still load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from llamanp import inputfile, lmw
+from llamanp.errors import LlamanpError, brief
+
+CLI_TIMEOUT = 60
+
+
+def assert_one_error(rc, stdout, stderr, *mentions) -> str:
+    """Non-zero exit, exactly one line on stderr starting with error:, no traceback."""
+    assert rc not in (0, None), f"exit 0 for bad input\n{stdout[-500:]}\n{stderr[-500:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr[-2000:]
+    assert len(lines[0]) < 600, f"overlong message: {lines[0][:700]}"
+    for m in mentions:
+        assert m in lines[0], f"message should mention {m!r}: {lines[0]!r}"
+    return lines[0]
+
+
+def convert_fails(src, tmp_path, *extra, mentions=()) -> str:
+    """convert.py SRC OUT fails cleanly and leaves nothing in OUT's directory."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir(exist_ok=True)
+    rc, so, se = run_cli("convert.py", src, out_dir / "m.lmw", *extra, timeout=CLI_TIMEOUT)
+    line = assert_one_error(rc, so, se, *mentions)
+    assert list(out_dir.iterdir()) == [], f"files left behind: {list(out_dir.iterdir())}"
+    return line
+
+
+# --- a tiny model, written by hand in each source format ----------------------------------
+
+DIM, LAYERS, HEADS, HIDDEN, VOCAB = 8, 1, 2, 16, 12
+
+
+def canonical_weights(seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    w = {"tok_embeddings.weight": (VOCAB, DIM), "norm.weight": (DIM,),
+         "output.weight": (VOCAB, DIM)}
+    for i in range(LAYERS):
+        p = f"layers.{i}."
+        w.update({p + "attention_norm.weight": (DIM,), p + "ffn_norm.weight": (DIM,),
+                  p + "attention.wq.weight": (DIM, DIM), p + "attention.wk.weight": (DIM, DIM),
+                  p + "attention.wv.weight": (DIM, DIM), p + "attention.wo.weight": (DIM, DIM),
+                  p + "feed_forward.w1.weight": (HIDDEN, DIM),
+                  p + "feed_forward.w2.weight": (DIM, HIDDEN),
+                  p + "feed_forward.w3.weight": (HIDDEN, DIM)})
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in w.items()}
+
+
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight":
+            "model.norm.weight", "output.weight": "lm_head.weight"}
+HF_LAYER = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+            "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj"}
+
+
+def hf_name(name: str) -> str:
+    if name in HF_NAMES:
+        return HF_NAMES[name]
+    _, i, rest = name.split(".", 2)
+    return f"model.layers.{i}.{HF_LAYER[rest[:-len('.weight')]]}.weight"
+
+
+def safetensors_bytes(header: dict, buffer: bytes) -> bytes:
+    text = json.dumps(header).encode("utf-8")
+    return struct.pack("<Q", len(text)) + text + buffer
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    header, chunks, at = {}, [], 0
+    for name, a in tensors.items():
+        raw = np.ascontiguousarray(a, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape),
+                        "data_offsets": [at, at + len(raw)]}
+        chunks.append(raw)
+        at += len(raw)
+    path.write_bytes(safetensors_bytes(header, b"".join(chunks)))
+
+
+HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+             "hidden_size": DIM, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+             "num_key_value_heads": HEADS, "intermediate_size": HIDDEN, "vocab_size": VOCAB,
+             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+             "tie_word_embeddings": False}
+
+
+def write_hf(d, weights=None, config=None):
+    d.mkdir(parents=True, exist_ok=True)
+    weights = canonical_weights() if weights is None else weights
+    write_safetensors(d / "model.safetensors", {hf_name(k): v for k, v in weights.items()})
+    (d / "config.json").write_text(json.dumps(HF_CONFIG if config is None else config))
+    return d
+
+
+META_PARAMS = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "vocab_size": VOCAB,
+               "multiple_of": 16, "norm_eps": 1e-5}     # hidden: 2*4*8/3 = 21 -> 32
+
+
+def write_meta(d, params=None):
+    d.mkdir(parents=True, exist_ok=True)
+    w = canonical_weights()
+    hidden = 32
+    rng = np.random.default_rng(1)
+    for i in range(LAYERS):
+        for k, shape in (("w1", (hidden, DIM)), ("w2", (DIM, hidden)), ("w3", (hidden, DIM))):
+            w[f"layers.{i}.feed_forward.{k}.weight"] = rng.standard_normal(shape, np.float32)
+    torch.save({k: torch.from_numpy(v) for k, v in w.items()}, d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps(META_PARAMS if params is None else params))
+    return d
+
+
+def llama2c_args(**changes) -> dict:
+    args = {"dim": DIM, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": HEADS,
+            "vocab_size": VOCAB, "multiple_of": 16, "max_seq_len": 64, "norm_eps": 1e-5,
+            "hidden_dim": HIDDEN}
+    args.update(changes)
+    return args
+
+
+def write_llama2c_pt(path, weights=None, **arg_changes):
+    weights = canonical_weights() if weights is None else weights
+    torch.save({"model_args": llama2c_args(**arg_changes),
+                "model": {k: torch.from_numpy(v) for k, v in weights.items()}}, path)
+    return path
+
+
+def test_the_hand_written_models_convert(tmp_path):
+    """The baseline every corruption below starts from converts cleanly."""
+    for name, src in (("hf", write_hf(tmp_path / "hf")), ("meta", write_meta(tmp_path / "meta")),
+                      ("pt", write_llama2c_pt(tmp_path / "ckpt.pt"))):
+        out = tmp_path / f"{name}.lmw"
+        rc, so, se = run_cli("convert.py", src, out, timeout=CLI_TIMEOUT)
+        assert rc == 0, se
+        f = lmw.read(out)
+        np.testing.assert_array_equal(f.tensors["tok_embeddings.weight"],
+                                      canonical_weights()["tok_embeddings.weight"])
+
+
+# --- family: bounded JSON ------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE_INT = "1" * 5000
+
+
+@pytest.mark.parametrize("text, words", [
+    (DEEP, "more than 100 levels deep"),
+    ('{"a": ' + HUGE_INT + "}", "an integer of 5000 digits"),
+    ('{"a": -' + "9" * 101 + "}", "an integer of 101 digits"),
+    ("{not json", "not valid JSON (line 1, column 2)"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+])
+def test_bounded_json_refuses_with_one_line(tmp_path, text, words):
+    p = tmp_path / "x.json"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(inputfile.JsonFileError) as e:
+        inputfile.load(p)
+    assert words in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bounded_json_reads_what_json_reads():
+    text = json.dumps({"a": [1, -2, 3.5, "x]\\\"[{", None, True, {"b": [[[]]]}],
+                       "n": 2**64 - 1})
+    assert inputfile.loads(text, "t") == json.loads(text)
+    assert inputfile.loads(text.encode(), "t") == json.loads(text)
+    nested = "[" * 100 + "]" * 100
+    assert inputfile.loads(nested, "t") == json.loads(nested)
+
+
+def test_bounded_json_size_cap(tmp_path):
+    p = tmp_path / "big.json"
+    p.write_bytes(b" " * 2000 + b"{}")
+    with pytest.raises(inputfile.JsonFileError, match="larger than 2000 bytes"):
+        inputfile.load(p, limit=2000)
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero", "dir"])
+def test_only_regular_files_are_read(tmp_path, special):
+    if special == "fifo":
+        path = tmp_path / "pipe.json"
+        os.mkfifo(path)                          # nobody writes: a plain open would block
+    elif special == "dir":
+        path = tmp_path
+    else:
+        path = special
+    with pytest.raises(inputfile.JsonFileError, match="not a regular file"):
+        inputfile.load(path)
+
+
+def test_every_json_reader_is_bounded(tmp_path):
+    """tokenizer.json, generation_config.json, the .lmw header and /load files all go
+    through the bounded loader (config.json, params.json and the safetensors header
+    are covered through convert.py below)."""
+    from llamanp.console import read_conversation
+    from llamanp.convert import hf, tokenizers
+
+    deep = tmp_path / "deep.json"
+    deep.write_text(DEEP)
+    with pytest.raises(LlamanpError, match="levels deep"):
+        tokenizers._read_json(deep, required=True)
+    with pytest.raises(LlamanpError, match="levels deep"):
+        hf._read_optional_json(str(deep), "model")
+    with pytest.raises(LlamanpError, match="levels deep.*the conversation is unchanged"):
+        read_conversation(deep, tokenizer=None)
+    fifo = tmp_path / "conv.json"
+    os.mkfifo(fifo)
+    with pytest.raises(LlamanpError, match="pipe.*the conversation is unchanged"):
+        read_conversation(fifo, tokenizer=None)
+
+    header = ('{"config": ' + HUGE_INT + "}").encode()
+    blob = lmw.PREAMBLE.pack(lmw.MAGIC, 1, 0, len(header)) + header
+    (tmp_path / "x.lmw").write_bytes(blob)
+    with pytest.raises(LlamanpError, match="is damaged: header: .*5000 digits"):
+        lmw.read(tmp_path / "x.lmw")
+
+
+@pytest.mark.parametrize("where", ["config.json", "params.json", "safetensors"])
+def test_convert_refuses_hostile_json(tmp_path, where):
+    if where == "params.json":
+        src = write_meta(tmp_path / "m")
+        (src / "params.json").write_text('{"dim": ' + HUGE_INT + "}")
+        words = "5000 digits"
+    else:
+        src = write_hf(tmp_path / "h")
+        if where == "config.json":
+            (src / "config.json").write_text(DEEP)
+        else:
+            (src / "model.safetensors").write_bytes(
+                struct.pack("<Q", len(DEEP)) + DEEP.encode())
+        words = "levels deep"
+    convert_fails(src, tmp_path, mentions=(words,))
+
+
+def test_safetensors_dtype_that_is_not_a_string(tmp_path):
+    src = write_hf(tmp_path / "h")
+    for dtype in (["F32"], {"a": 1}, 5):
+        header = {"model.norm.weight": {"dtype": dtype, "shape": [DIM],
+                                        "data_offsets": [0, 4 * DIM]}}
+        (src / "model.safetensors").write_bytes(safetensors_bytes(header, bytes(4 * DIM)))
+        convert_fails(src, tmp_path, mentions=("unknown dtype",))
+
+
+def test_brief_never_formats_the_whole_value():
+    nested = []
+    for _ in range(200):
+        nested = [nested, nested]                # 2**200 leaves if printed in full
+    assert len(brief(nested)) < 200
+    assert len(brief(10**10000)) < 40
+    assert len(brief(bytearray(10**7))) < 200
+    assert len(brief({i: i for i in range(10**5)})) < 200
+    assert brief({"a": [1, 2]}) == repr({"a": [1, 2]})
