@@ -275,8 +275,8 @@ def detect_template(model_or_tokenizer) -> str:
 
     The embedded template text decides when there is one; otherwise the
     tokenizer: Llama 3's header tokens mean llama3, <|im_start|> means chatml,
-    and a SentencePiece tokenizer with BOS and EOS means llama2 ("[INST]" is
-    plain text there).
+    and a SentencePiece or llama2.c tokenizer with BOS and EOS means llama2
+    ("[INST]" is plain text there).
     """
     tok = _tokenizer_of(model_or_tokenizer)
     text = embedded_template(tok)
@@ -298,7 +298,9 @@ def detect_template(model_or_tokenizer) -> str:
     if has("<|im_start|>", "<|im_end|>"):
         return "chatml"
     kind = getattr(getattr(tok, "data", None), "kind", None)
-    if kind == "sentencepiece" and tok.bos_id is not None and tok.eos_id is not None:
+    # run.c's chat mode, too, writes Llama 2's format for any tokenizer.bin.
+    if kind in ("sentencepiece", "llama2c") and tok.bos_id is not None \
+            and tok.eos_id is not None:
         return "llama2"
     raise LlamanpError("cannot tell which chat layout this model uses (no chat template is "
                        f"embedded and its tokenizer has no chat tokens); {_CHOOSE_HINT}")

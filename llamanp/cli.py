@@ -40,7 +40,7 @@ def build_parser() -> ArgumentParser:
     src.add_argument("-i", "--prompt", help="the prompt text")
     src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("-t", "--tokenizer", metavar="PATH",
-                   help="tokenizer file (SentencePiece .model or tiktoken); "
+                   help="tokenizer file (SentencePiece .model, tiktoken, llama2.c tokenizer.bin); "
                         "overrides the one embedded in the model")
     p.add_argument("-n", "--n-tokens", type=int, default=None, metavar="N",
                    help="generate at most N tokens (default 256)")

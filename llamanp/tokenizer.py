@@ -1,13 +1,16 @@
 """Tokenizers: text to token ids and back.
 
 Llama-family models use one of two tokenizers, and llamanp reads both from the
-original ``tokenizer.model`` file:
+original ``tokenizer.model`` file, and llama2.c's export of the first:
 
 * SentencePiece (Llama 1 and 2, TinyStories): the file is a protobuf model
   that the ``sentencepiece`` library loads as it is.
 * tiktoken BPE (Llama 3): the file is plain text, one ``base64(token) rank``
   per line. The pre-tokenizer regex and the special tokens are not in the
   file; they are Meta's Llama 3 constants below.
+* llama2.c's ``tokenizer.bin`` (every llama2.c model and TinyStories
+  checkpoint): pieces and scores, encoded by run.c's algorithm in
+  ``llamanp.llama2c_tokenizer``, since no library reads it.
 
 ``llamanp.convert.tokenizers`` builds the same two kinds from the tokenizers
 that Hugging Face and GGUF checkpoints carry: byte-level BPE vocabularies
@@ -27,9 +30,7 @@ import base64
 import binascii
 import codecs
 import copy
-import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -74,10 +75,10 @@ def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
     return {name: num_base_tokens + i for i, name in enumerate(names)}
 
 
-KINDS = ("sentencepiece", "tiktoken")
+KINDS = ("sentencepiece", "tiktoken", "llama2c")
 
-_SUPPORTED = ("llamanp reads a SentencePiece tokenizer.model (Llama 1/2, TinyStories) "
-              "or a tiktoken tokenizer.model (Llama 3)")
+_SUPPORTED = ("llamanp reads a SentencePiece tokenizer.model (Llama 1/2, TinyStories), "
+              "a tiktoken tokenizer.model (Llama 3) or a llama2.c tokenizer.bin")
 
 _REPLACEMENT = "\ufffd"   # what an invalid UTF-8 byte decodes to
 
@@ -92,7 +93,7 @@ def _is_int(v) -> bool:
 class TokenizerData:
     """Everything needed to rebuild a tokenizer: the file and a few settings."""
 
-    kind: str                      # "sentencepiece" | "tiktoken"
+    kind: str                      # "sentencepiece" | "tiktoken" | "llama2c"
     data: bytes                    # the tokenizer file, byte for byte
     bos_id: Optional[int]
     eos_id: Optional[int]
@@ -182,11 +183,28 @@ def read_tokenizer_file(path) -> TokenizerData:
     except OSError as e:
         raise LlamanpError(f"cannot read tokenizer file {path}: {e.strerror}") from None
 
+    # llama2c_tokenizer builds on this module, so it is imported here, when needed.
+    from .llama2c_tokenizer import looks_like_tokenizer_bin, tokenizer_bin_data
+
+    source = f"tokenizer file {path}"
     if _looks_like_tiktoken(data):
-        return _llama3_tiktoken_data(data, source=f"tokenizer file {path}")
-    if _looks_like_sentencepiece(data) and not _looks_like_llama2c_tokenizer(data):
-        return _sentencepiece_data(data, source=f"tokenizer file {path}")
-    raise LlamanpError(f"tokenizer file {path} {_what_else_it_is(data)}; {_SUPPORTED}")
+        return _llama3_tiktoken_data(data, source=source)
+    bin_error = None
+    if looks_like_tokenizer_bin(data):
+        try:
+            return tokenizer_bin_data(data, source)
+        except LlamanpError as e:
+            bin_error = e
+    if _looks_like_sentencepiece(data):
+        try:
+            return _sentencepiece_data(data, source=source)
+        except LlamanpError:
+            # Whichever format the start suggested first names what is damaged.
+            if bin_error is None:
+                raise
+    if bin_error is not None:
+        raise bin_error
+    raise LlamanpError(f"{source} {_what_else_it_is(data)}; {_SUPPORTED}")
 
 
 # A ranks file starts with a line like "IQ== 0".
@@ -211,28 +229,7 @@ def _what_else_it_is(data: bytes) -> str:
         return "is a GGUF file, not a tokenizer file"
     if data.lstrip()[:1] in (b"{", b"["):
         return "is JSON (a Hugging Face tokenizer.json?); pass the tokenizer.model beside it"
-    if _looks_like_llama2c_tokenizer(data):
-        return ("is a llama2.c tokenizer.bin, which lacks the merge rules; "
-                "pass the tokenizer.model it was exported from")
     return "is in no tokenizer format llamanp knows"
-
-
-def _looks_like_llama2c_tokenizer(data: bytes) -> bool:
-    """llama2.c's format: int32 max_token_length, then (float score, int32 len, bytes)*."""
-    if len(data) < 12:
-        return False
-    (max_len,) = struct.unpack_from("<i", data, 0)
-    if not 0 < max_len <= 4096:
-        return False
-    pos = 4
-    for _ in range(3):                      # three plausible entries are enough
-        if pos + 8 > len(data):
-            return False
-        score, n = struct.unpack_from("<fi", data, pos)
-        if not (math.isfinite(score) and 0 <= n <= max_len):
-            return False
-        pos += 8 + n
-    return pos <= len(data)
 
 
 def _sentencepiece_data(data: bytes, source: str) -> TokenizerData:
@@ -322,6 +319,9 @@ class Tokenizer:
     @classmethod
     def from_data(cls, td: TokenizerData) -> "Tokenizer":
         td.validate()
+        if td.kind == "llama2c":
+            from .llama2c_tokenizer import Llama2cTokenizer
+            return Llama2cTokenizer(td)
         kind = SentencePieceTokenizer if td.kind == "sentencepiece" else TiktokenTokenizer
         return kind(td)
 

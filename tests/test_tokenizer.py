@@ -11,7 +11,6 @@ import dataclasses
 import io
 import json
 import random
-import struct
 import time
 from pathlib import Path
 
@@ -476,16 +475,6 @@ def test_from_data_rejects_corrupt_bytes(files):
         _one_line_error(Tokenizer.from_data, td)
 
 
-def _llama2c_tokenizer_bin(sp_path: Path) -> bytes:
-    """llama2.c's export format: max token length, then (score, length, bytes) per piece."""
-    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
-    pieces = [sp.id_to_piece(i).replace("▁", " ").encode() for i in range(sp.vocab_size())]
-    out = struct.pack("<i", max(len(p) for p in pieces))
-    for i, piece in enumerate(pieces):
-        out += struct.pack("<fi", sp.get_score(i), len(piece)) + piece
-    return out
-
-
 @pytest.mark.parametrize("name, content, hint", [
     ("empty.model", b"", "empty"),
     ("garbage.model", bytes(random.Random(3).randrange(256) for _ in range(4096)), "tiktoken"),
@@ -500,13 +489,6 @@ def test_read_errors(tmp_path, name, content, hint):
     path.write_bytes(content)
     message = _one_line_error(read_tokenizer_file, path)
     assert str(path) in message and hint in message
-
-
-def test_read_error_for_a_llama2c_tokenizer_bin(tmp_path, files):
-    path = tmp_path / "tokenizer.bin"
-    path.write_bytes(_llama2c_tokenizer_bin(files["tiny-sp"]))
-    message = _one_line_error(read_tokenizer_file, path)
-    assert "llama2.c" in message and "tokenizer.model" in message and str(path) in message
 
 
 def test_read_error_for_a_missing_file_or_a_directory(tmp_path):

@@ -19,7 +19,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("src", metavar="SRC", help="checkpoint file or directory")
     p.add_argument("out", metavar="OUT.lmw", help="file to write")
     p.add_argument("--tokenizer", metavar="PATH",
-                   help="tokenizer to embed (SentencePiece .model or Llama 3 tiktoken file)")
+                   help="tokenizer to embed (SentencePiece .model, Llama 3 tiktoken file "
+                        "or llama2.c tokenizer.bin)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--dtype", choices=DTYPES, default="f32",
                    help="how to store the weights (default f32): f16, bf16 (2 bytes each) "
