@@ -270,3 +270,69 @@ def test_brief_never_formats_the_whole_value():
     assert len(brief(bytearray(10**7))) < 200
     assert len(brief({i: i for i in range(10**5)})) < 200
     assert brief({"a": [1, 2]}) == repr({"a": [1, 2]})
+
+
+# --- family: plausibility bounds on every config number ---------------------------------------
+
+def test_config_bounds_accept_real_models_and_refuse_the_rest():
+    from llamanp.config import Config
+    llama31_405b = dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, head_dim=128,
+                        hidden_dim=53248, vocab_size=128256, norm_eps=1e-5,
+                        rope_theta=500000.0, max_seq_len=131072)
+    Config(**llama31_405b).validate()
+    Config(**dict(llama31_405b, rope_theta=3.6e9, max_seq_len=1 << 20)).validate()  # Gradient
+    for change in ({"n_layers": 10**8}, {"n_layers": 2**64}, {"max_seq_len": 2**40},
+                   {"dim": 2**20}, {"vocab_size": 2**30}, {"hidden_dim": 2**30},
+                   {"norm_eps": 1e-45}, {"norm_eps": 1.0}, {"norm_eps": float("nan")},
+                   {"rope_theta": 1.8e308}, {"rope_theta": 10**400}, {"rope_theta": 0.5}):
+        with pytest.raises(LlamanpError, match="invalid model config"):
+            Config(**dict(llama31_405b, **change)).validate()
+
+
+@pytest.mark.parametrize("fmt, change, words", [
+    ("pt", {"n_layers": 2**64}, "n_layers"),
+    ("pt", {"n_layers": 10**8}, "n_layers"),
+    ("pt", {"max_seq_len": 2**40}, "max_seq_len"),
+    ("pt", {"norm_eps": 10**400}, "norm_eps"),
+    ("pt", {"norm_eps": 1e-45}, "norm_eps"),
+    ("hf", {"num_hidden_layers": 10**8}, "n_layers"),
+    ("hf", {"rope_theta": 1.8e308}, "rope_theta"),
+    ("hf", {"max_position_embeddings": 2**64}, "max_seq_len"),
+    ("hf", {"num_hidden_layers": 3}, "say 3 layers but the weights hold 1"),
+    ("meta", {"ffn_dim_multiplier": 1e308}, "ffn_dim_multiplier"),
+    ("meta", {"ffn_dim_multiplier": float("inf")}, "ffn_dim_multiplier"),
+    ("meta", {"n_layers": 2**64}, "n_layers"),
+    ("meta", {"rope_theta": 1e-45}, "rope_theta"),
+])
+def test_readers_refuse_implausible_configs(tmp_path, fmt, change, words):
+    """Refused by the bound, quickly: nothing is sized by the number first."""
+    from llamanp.convert import read_checkpoint
+    if fmt == "pt":
+        src = write_llama2c_pt(tmp_path / "ckpt.pt", **change)
+    elif fmt == "hf":
+        src = write_hf(tmp_path / "hf", config=dict(HF_CONFIG, **change))
+    else:
+        src = write_meta(tmp_path / "meta", dict(META_PARAMS, **change))
+    with pytest.raises(LlamanpError, match=words) as e:
+        read_checkpoint(src)
+    assert "\n" not in str(e.value)
+
+
+def test_convert_refuses_a_huge_layer_count_at_once(tmp_path):
+    src = write_llama2c_pt(tmp_path / "ckpt.pt", n_layers=10**8)
+    convert_fails(src, tmp_path, mentions=("n_layers",))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"llama.block_count": 2**32 - 1}, "block_count"),
+    ({"llama.context_length": 2**31}, "max_seq_len"),
+    ({"llama.attention.layer_norm_rms_epsilon": 1e-45}, "norm_eps"),
+    ({"llama.rope.freq_base": 3e38}, "rope_theta"),
+])
+def test_gguf_metadata_bounds(tmp_path, changes, words):
+    from test_gguf import write_variant
+
+    from llamanp.convert import gguf as gguf_reader
+    src = write_variant(tmp_path / "m.gguf", metadata_changes=changes)
+    with pytest.raises(LlamanpError, match=words):
+        gguf_reader.read_gguf(src)

@@ -75,6 +75,10 @@ class Checkpoint:
 
 def check_canonical_tensors(tensors: dict, cfg: Config, where: str) -> None:
     """Every canonical tensor present, nothing else, each of the right shape."""
+    present = layers_present(tensors)
+    if cfg.n_layers > present:      # said first and plainly: the usual sign of a bad config
+        raise LlamanpError(f"{where}: the hyper-parameters say {cfg.n_layers} layers but the "
+                           f"weights hold {present}; the config does not belong to them")
     want = canonical_shapes(cfg)
     missing = [n for n in want if n not in tensors]
     if missing:
@@ -88,6 +92,14 @@ def check_canonical_tensors(tensors: dict, cfg: Config, where: str) -> None:
         if tuple(tensors[name].shape) != shape:
             raise LlamanpError(f"{where}: {name} has shape {list(tensors[name].shape)} but "
                                f"the model's hyper-parameters need {list(shape)}")
+
+
+def layers_present(tensors) -> int:
+    """1 + the highest N among canonical names "layers.N.*" (0 when there are none)."""
+    numbers = [int(n) for n in (name.split(".", 2)[1] for name in tensors
+                                if name.startswith("layers.") and name.count(".") >= 2)
+               if n.isdigit()]
+    return max(numbers, default=-1) + 1
 
 
 def require_float_tensors(tensors: dict, where: str) -> None:

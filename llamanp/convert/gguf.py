@@ -69,7 +69,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..config import Config, RopeScaling
-from ..errors import LlamanpError
+from ..errors import LlamanpError, brief
 from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors, few_names
 
 ARCHITECTURE = "llama"
@@ -317,7 +317,7 @@ class _Hyperparameters:
         value = self._get(name, default)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise LlamanpError(f"{self.where}: {_PREFIX}{name} must be a positive integer, "
-                               f"got {value!r}")
+                               f"got {brief(value)}")
         return value
 
     def positive_number(self, name: str, default=_REQUIRED) -> float:
@@ -325,7 +325,7 @@ class _Hyperparameters:
         if not isinstance(value, (int, float)) or isinstance(value, bool) \
                 or not math.isfinite(value) or value <= 0:
             raise LlamanpError(f"{self.where}: {_PREFIX}{name} must be a positive number, "
-                               f"got {value!r}")
+                               f"got {brief(value)}")
         return float(value)
 
 
@@ -334,7 +334,7 @@ def _check_architecture(reader, where: str) -> None:
     if architecture is None:
         raise LlamanpError(f"{where} has no general.architecture; it is not a GGUF model file")
     if architecture != ARCHITECTURE:
-        raise LlamanpError(f"{where} is a GGUF of architecture {architecture!r}; "
+        raise LlamanpError(f"{where} is a GGUF of architecture {brief(architecture)}; "
                            "llamanp converts llama only")
 
 
@@ -346,8 +346,9 @@ def _refuse_unsupported(hp: _Hyperparameters, where: str) -> None:
                            "llamanp runs dense Llama models only")
     scaling = hp.raw("rope.scaling.type")
     if scaling not in (None, "none"):
-        raise LlamanpError(f"{where} uses {scaling!r} RoPE scaling ({_PREFIX}rope.scaling.type); "
-                           "llamanp supports only Llama 3 ('llama3') scaling")
+        raise LlamanpError(f"{where} uses {brief(scaling)} RoPE scaling "
+                           f"({_PREFIX}rope.scaling.type); llamanp supports only Llama 3 "
+                           "('llama3') scaling")
     linear = hp.raw("rope.scale_linear")           # the key older files used
     if linear is not None and linear != 1.0:
         raise LlamanpError(f"{where} uses 'linear' RoPE scaling ({_PREFIX}rope.scale_linear = "

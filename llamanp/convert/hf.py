@@ -44,13 +44,14 @@ import importlib
 import importlib.util
 import os
 import re
+import sys
 from typing import Callable, Optional
 
 import numpy as np
 
 from .. import inputfile
 from ..config import Config, RopeScaling
-from ..errors import LlamanpError
+from ..errors import LlamanpError, brief
 from ..tokenizer import TokenizerData, read_tokenizer_file
 from . import safetensors, torchfile
 from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors, few_names
@@ -139,7 +140,7 @@ def _config_int(cfg: dict, key: str, where: str, default=_REQUIRED) -> int:
         return default
     if not _is_int(value) or value <= 0:
         raise LlamanpError(f"{where}: config.json {key} must be a positive integer, "
-                           f"got {value!r}")
+                           f"got {brief(value)}")
     return value
 
 
@@ -149,9 +150,10 @@ def _positive_number(value, label: str, where: str, default=_REQUIRED) -> float:
         if default is _REQUIRED:
             raise LlamanpError(f"{where}: config.json lacks {label}")
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not 0 < value <= sys.float_info.max:
         raise LlamanpError(f"{where}: config.json {label} must be a positive number, "
-                           f"got {value!r}")
+                           f"got {brief(value)}")
     return float(value)
 
 
@@ -162,12 +164,12 @@ def _refuse_foreign_models(cfg: dict, where: str) -> None:
     model_type = cfg.get("model_type")
     architectures = cfg.get("architectures")
     if model_type is not None and model_type != _MODEL_TYPE:
-        raise LlamanpError(f"{where}: config.json model_type is {model_type!r}; llamanp "
+        raise LlamanpError(f"{where}: config.json model_type is {brief(model_type)}; llamanp "
                            f"converts Llama models (model_type {_MODEL_TYPE!r}) only")
     if architectures is not None:
         if not isinstance(architectures, list):
             raise LlamanpError(f"{where}: config.json architectures must be a list, "
-                               f"got {architectures!r}")
+                               f"got {brief(architectures)}")
         others = [a for a in architectures if a != _ARCHITECTURE]
         if others:
             raise LlamanpError(f"{where}: config.json architectures names "
@@ -183,7 +185,7 @@ def _refuse_foreign_models(cfg: dict, where: str) -> None:
                                "Llama models without bias terms only")
     act = cfg.get("hidden_act")
     if act is not None and act != "silu":
-        raise LlamanpError(f"{where}: config.json hidden_act is {act!r}; llamanp runs the "
+        raise LlamanpError(f"{where}: config.json hidden_act is {brief(act)}; llamanp runs the "
                            "SiLU (SwiGLU) feed-forward of Llama only")
     quantization = cfg.get("quantization_config")
     if quantization:
@@ -208,7 +210,7 @@ def _rope_settings(cfg: dict, where: str) -> tuple[float, Optional[RopeScaling]]
         return theta, _rope_scaling(cfg.get("rope_scaling"), "rope_scaling", where)
     if not isinstance(params, dict):
         raise LlamanpError(f"{where}: config.json rope_parameters must be an object, "
-                           f"got {params!r}")
+                           f"got {brief(params)}")
     if params.get("rope_theta") is not None:
         theta = _positive_number(params["rope_theta"], "rope_parameters.rope_theta", where)
     else:   # a hand-edited file may keep the old top-level field
@@ -223,12 +225,12 @@ def _rope_scaling(scaling, label: str, where: str) -> Optional[RopeScaling]:
         return None
     if not isinstance(scaling, dict):
         raise LlamanpError(f"{where}: config.json {label} must be an object or null, "
-                           f"got {scaling!r}")
+                           f"got {brief(scaling)}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":
-        raise LlamanpError(f"{where}: config.json asks for RoPE scaling {kind!r}, which "
+        raise LlamanpError(f"{where}: config.json asks for RoPE scaling {brief(kind)}, which "
                            "llamanp does not implement; it supports none or 'llama3' "
                            "(Llama 3.1)")
     missing = [k for k in _LLAMA3_SCALING_FIELDS if scaling.get(k) is None]
@@ -238,7 +240,7 @@ def _rope_scaling(scaling, label: str, where: str) -> Optional[RopeScaling]:
     original = scaling["original_max_position_embeddings"]
     if not _is_int(original) or original <= 0:
         raise LlamanpError(f"{where}: config.json {label}.original_max_position_embeddings "
-                           f"must be a positive integer, got {original!r}")
+                           f"must be a positive integer, got {brief(original)}")
 
     def factor(key: str) -> float:
         return _positive_number(scaling[key], f"{label}.{key}", where)
@@ -254,7 +256,7 @@ def _tie_flag(cfg: dict, where: str) -> bool:
     value = cfg.get("tie_word_embeddings", False)       # LlamaConfig's default
     if not isinstance(value, bool):
         raise LlamanpError(f"{where}: config.json tie_word_embeddings must be true or "
-                           f"false, got {value!r}")
+                           f"false, got {brief(value)}")
     return value
 
 
@@ -316,7 +318,7 @@ def _shards_named_by_index(directory: str, index: str, where: str) -> list[str]:
     shards = []
     for shard in dict.fromkeys(weight_map.values()):         # distinct, in order
         if os.path.basename(shard) != shard or shard in (".", ".."):
-            raise LlamanpError(f"{where}: {index} names shard {shard!r}, which is not a plain "
+            raise LlamanpError(f"{where}: {index} names shard {brief(shard)}, which is not a plain "
                                "file name; the index is damaged")
         if not os.path.isfile(os.path.join(directory, shard)):
             raise LlamanpError(f"{where}: {index} names shard {shard}, which is not in the "
@@ -453,7 +455,7 @@ def _token_ids(value, key: str, source: str, vocab_size: int, where: str) -> lis
     ids = value if isinstance(value, list) else [value]
     for i in ids:
         if not _is_int(i) or not 0 <= i < vocab_size:
-            raise LlamanpError(f"{where}: {source} {key} is {value!r}, but token ids must be "
+            raise LlamanpError(f"{where}: {source} {key} is {brief(value)}, but token ids must be "
                                f"integers in 0..{vocab_size - 1}")
     return ids
 

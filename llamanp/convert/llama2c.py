@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import Config
-from ..errors import LlamanpError
+from ..errors import LlamanpError, brief
 from . import torchfile
 from .checkpoint import (
     Checkpoint,
@@ -61,13 +62,14 @@ _FLOAT_BYTES = 4
 
 def _positive_int(value, what: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise LlamanpError(f"{where}: {what} must be a positive integer, got {value!r}")
+        raise LlamanpError(f"{where}: {what} must be a positive integer, got {brief(value)}")
     return value
 
 
 def _positive_number(value, what: str, where: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise LlamanpError(f"{where}: {what} must be a positive number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not 0 < value <= sys.float_info.max:
+        raise LlamanpError(f"{where}: {what} must be a positive number, got {brief(value)}")
     return float(value)
 
 
@@ -88,7 +90,7 @@ def _strip_compile_prefix(state: dict, where: str) -> dict:
             raise LlamanpError(f"{where} has {name} both with and without the "
                                f"{_COMPILE_PREFIX} prefix; the state_dict is inconsistent")
         if not isinstance(value, torchfile.TorchTensor):
-            raise LlamanpError(f"{where}: model entry {key!r} is not a tensor")
+            raise LlamanpError(f"{where}: model entry {brief(key)} is not a tensor")
         out[name] = value
     return out
 

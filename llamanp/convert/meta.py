@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Callable, Optional
 
 import numpy as np
 
 from .. import inputfile
 from ..config import Config, RopeScaling
-from ..errors import LlamanpError
+from ..errors import LlamanpError, brief
 from ..tokenizer import read_tokenizer_file
 from . import torchfile
 from .checkpoint import (
@@ -47,6 +48,7 @@ from .checkpoint import (
 _SHARD_NAME = re.compile(r"^consolidated\.(\d+)\.pth$")
 _IGNORED_KEYS = {"rope.freqs"}
 _LLAMA3_MIN_VOCAB = 128000
+_MAX_FFN_MULTIPLIER = 16.0     # Llama 2 70B and Llama 3: 1.3; Llama 3.1 405B: 1.2
 
 # How each tensor kind is split across model-parallel shards (None: replicated).
 _SPLIT_AXIS = {
@@ -229,7 +231,7 @@ def _param_int(params: dict, key: str, where: str, default=None) -> int:
     value = params.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise LlamanpError(f"{where}: params.json {key} must be a positive integer, "
-                           f"got {value!r}")
+                           f"got {brief(value)}")
     return value
 
 
@@ -237,9 +239,10 @@ def _param_number(params: dict, key: str, where: str, default) -> float:
     value = params.get(key)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) \
+            or not 0 < value <= sys.float_info.max:
         raise LlamanpError(f"{where}: params.json {key} must be a positive number, "
-                           f"got {value!r}")
+                           f"got {brief(value)}")
     return float(value)
 
 
@@ -315,6 +318,10 @@ def _hidden_dim(params: dict, tensors: dict, dim: int, where: str) -> int:
         raise LlamanpError(f"{where} lacks layers.0.feed_forward.w1.weight; "
                            "it is not a Llama checkpoint")
     multiplier = _param_number(params, "ffn_dim_multiplier", where, None)
+    if multiplier is not None and multiplier > _MAX_FFN_MULTIPLIER:
+        raise LlamanpError(f"{where}: params.json ffn_dim_multiplier is {multiplier:g}; real "
+                           f"models use about 1.3, and more than {_MAX_FFN_MULTIPLIER} is "
+                           "no Llama model")
     implied = meta_hidden_dim(dim, _param_int(params, "multiple_of", where, default=256),
                               multiplier)
     if w1.shape[0] != implied:
