@@ -105,6 +105,7 @@ class Task:
     unit: str
     once: Callable[[], float]
     warmup: bool = True      # run once, untimed, before the measured runs
+    between: bool = False    # a bandwidth reading, taken between the other tasks (below)
     samples: list = field(default_factory=list)
 
     @property
@@ -134,8 +135,26 @@ def timed(fn) -> float:
 
 def runtime(engine: str) -> str:
     """Whose worker threads a task runs on: llamanp's storage-dtype variants
-    share numpy's BLAS with llamanp, so no pause between them."""
-    return "llamanp" if engine.startswith("llamanp") else engine
+    and the machine measures share numpy's BLAS with llamanp, so no pause
+    between them."""
+    return "llamanp" if engine.startswith("llamanp") or engine == "machine" else engine
+
+
+def bandwidth_bound(t: Task) -> bool:
+    """Reads every weight for each token: a decode step or a one-at-a-time prefill."""
+    return t.engine != "machine" and (t.section == "decode" or t.mode == "fill1")
+
+
+def with_readings(order: list[Task], between: list[Task]) -> list[Task]:
+    """`order` with a bandwidth reading before each bandwidth-bound task (the
+    `between` tasks in turn), and each `between` task at least once."""
+    out, k = [], 0
+    for t in order:
+        if between and bandwidth_bound(t):
+            out.append(between[k % len(between)])
+            k += 1
+        out.append(t)
+    return out + between[k:]
 
 
 def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -> None:
@@ -143,20 +162,33 @@ def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -
     after one untimed warm-up pass (set-up, first-touch pages, caches; the
     long one-at-a-time prefills warm themselves up). A short pause whenever
     the engine changes lets the other engine's idle worker threads (OpenBLAS
-    and OpenMP spin a while after each call) park."""
+    and OpenMP spin a while after each call) park.
+
+    The bandwidth readings (`between` tasks) are taken right before the
+    bandwidth-bound tasks instead, so that they see the machine as those
+    runs do (on a shared machine, the other jobs come and go); a run's figure
+    of each is the best of its readings in that run."""
     t_start = time.perf_counter()
-    rounds = ([("warm-up", [t for t in tasks if t.warmup])] if warmup else []) + \
-        [(f"run {r + 1}/{runs}", tasks if r % 2 == 0 else tasks[::-1]) for r in range(runs)]
+    between = [t for t in tasks if t.between]
+    sweep = [t for t in tasks if not t.between]
+    rounds = ([("warm-up", [t for t in sweep if t.warmup])] if warmup else []) + \
+        [(f"run {r + 1}/{runs}", sweep if r % 2 == 0 else sweep[::-1]) for r in range(runs)]
     for name, order in rounds:
         t0 = time.perf_counter()
         last_engine = None
-        for t in order:
+        readings: dict[int, list] = {id(t): [] for t in between}
+        for t in with_readings(order, between):
             if last_engine is not None and runtime(t.engine) != last_engine and settle > 0:
                 time.sleep(settle)
             last_engine = runtime(t.engine)
             value = float(t.once())
-            if name != "warm-up":
+            if t.between:
+                readings[id(t)].append(value)
+            elif name != "warm-up":
                 t.samples.append(value)
+        if name != "warm-up":
+            for t in between:
+                t.samples.append(max(readings[id(t)]))
         say(f"  {name} done in {time.perf_counter() - t0:.1f} s "
             f"({time.perf_counter() - t_start:.0f} s so far)")
 
@@ -383,10 +415,11 @@ def machine_tasks(cfg, plan) -> list[Task]:
 
     return [
         Task("machine", "machine", "read: np.sum, 1 thread", plan.machine_mb, "GB/s",
-             warm(stream_sum)),
-        Task("machine", "machine", "read: BLAS sdot", plan.machine_mb, "GB/s", warm(stream_dot)),
+             warm(stream_sum), between=True),
+        Task("machine", "machine", "read: BLAS sdot", plan.machine_mb, "GB/s", warm(stream_dot),
+             between=True),
         Task("machine", "machine", f"gemv: x @ W.T, W [{side}, {side}]", plan.machine_mb,
-             "GB/s", warm(gemv)),
+             "GB/s", warm(gemv), between=True),
         Task("machine", "machine", f"sgemm: one layer's products, {sgemm_t} tokens", sgemm_t,
              "GFLOP/s", warm(sgemm_model)),
         Task("machine", "machine", f"sgemm: {n} x {n} x {n}", n, "GFLOP/s", warm(sgemm_square)),
@@ -666,18 +699,55 @@ class Report:
                         {"transformers": "DynamicCache", "llama-cpp": "llama.cpp"}[engine], size)
 
 
+def pass_shape(cfg, section: str, mode: str, size: int) -> tuple[int, float]:
+    """(tokens per pass over the weights, FLOPs per token) of a llamanp row."""
+    if section == "prefill" and mode == "batched":
+        return size, prefill_flops_per_token(cfg, size)
+    # one token per pass: a decode step (fill1: at positions up to size)
+    return 1, decode_flops_per_token(cfg, size if section == "decode" else size // 2)
+
+
+def reached(rep: Report) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The best bandwidth and FLOP rate (GB/s, GFLOP/s, each with the row
+    that reached it) that llamanp's own runs of the model show this machine
+    delivers: every pass reads every weight at least once and does at least
+    the FLOPs counted, so these are lower bounds of the machine's limits."""
+    cfg, wb = rep.model.config, weight_bytes_per_token(rep.model)
+    best_bw, best_flops = (0.0, ""), (0.0, "")
+    for (engine, section, mode, size), t in rep.tasks.items():
+        if engine != "llamanp" or section not in ("prefill", "decode") or not t.samples:
+            continue
+        tokens, flops = pass_shape(cfg, section, mode, size)
+        fastest = max(t.samples)
+        what = (f"llamanp's decode after {size} tokens, kvcache {mode}" if section == "decode"
+                else f"llamanp's {size}-token prefill, "
+                     f"{'batched' if mode == 'batched' else 'one at a time'}")
+        best_bw = max(best_bw, (fastest / tokens * wb / 1e9, what))
+        best_flops = max(best_flops, (fastest * flops / 1e9, what))
+    return best_bw, best_flops
+
+
 def compute_limits(rep: Report) -> None:
+    """The bandwidth and FLOP rate behind every roofline: the best the machine
+    measures gave, or what llamanp itself reached when that is more (then the
+    measures saw a busier machine than those runs did). A figure of llamanp's
+    can therefore never pass its roofline."""
     m = [t for k, t in rep.tasks.items() if k[0] == "machine"]
     best = {t.mode: max(t.samples) for t in m}
     # the decode roofline is the streaming-read bandwidth (the gemv figure is
     # shown beside it: how close BLAS's own matrix-vector product gets)
     bw_mode, bw = max(((k, v) for k, v in best.items() if k.startswith("read")),
                       key=lambda kv: kv[1])
-    flops = max(v for k, v in best.items() if k.startswith("sgemm"))
+    flops_mode, flops = max(((k, v) for k, v in best.items() if k.startswith("sgemm")),
+                            key=lambda kv: kv[1])
+    (bw_seen, bw_row), (flops_seen, flops_row) = reached(rep)
     wb = weight_bytes_per_token(rep.model)
-    rep.limits = dict(bandwidth_gbs=bw, bandwidth_from=bw_mode,
-                      sgemm_gflops=flops, weight_bytes=wb,
-                      decode_roofline=bw * 1e9 / wb,
+    rep.limits = dict(bandwidth_measured=bw, sgemm_measured=flops,
+                      bandwidth_gbs=max(bw, bw_seen),
+                      bandwidth_from=f'"{bw_mode}"' if bw >= bw_seen else bw_row,
+                      sgemm_gflops=max(flops, flops_seen),
+                      sgemm_from=f'"{flops_mode}"' if flops >= flops_seen else flops_row,
+                      weight_bytes=wb, decode_roofline=max(bw, bw_seen) * 1e9 / wb,
                       gemv_gbs=next(v for k, v in best.items() if k.startswith("gemv")))
 
 
@@ -685,15 +755,20 @@ def roofline(rep: Report, section: str, mode: str, size: int) -> float:
     """The tok/s that neither compute nor memory traffic would allow to be
     beaten: T tokens per read of the weights take at least
     max(T × FLOPs per token / sgemm rate, weight bytes / bandwidth)."""
-    cfg, L = rep.model.config, rep.limits
-    if section == "prefill" and mode == "batched":
-        tokens, flops = size, prefill_flops_per_token(cfg, size)
-    else:   # one token per pass: a decode step (fill1: at positions up to size)
-        tokens = 1
-        flops = decode_flops_per_token(cfg, size if section == "decode" else size // 2)
+    L = rep.limits
+    tokens, flops = pass_shape(rep.model.config, section, mode, size)
     seconds = max(tokens * flops / (L["sgemm_gflops"] * 1e9),
                   L["weight_bytes"] / (L["bandwidth_gbs"] * 1e9))
     return tokens / seconds
+
+
+def limit_source(L: dict, name: str, unit: str, measure: str) -> str:
+    """Where a roofline's rate comes from, for the report."""
+    source = L[f"{name}_from"]
+    if source.startswith('"'):
+        return f"the best {measure}, {source}"
+    return (f"reached by {source}, more than the best {measure} measured, "
+            f"{fmt(L[f'{name}_measured'])} {unit}: a busy machine slowed the measure")
 
 
 def render(rep: Report) -> str:
@@ -701,22 +776,29 @@ def render(rep: Report) -> str:
     out = list(rep.header)
     runs = rep.plan.runs
 
-    out += ["", f"## Machine limits (measured in this run; best of {runs} is the roofline)", ""]
+    out += ["", "## Machine limits (measured in this run; the best is the roofline)", ""]
     rows = []
     for t in (t for k, t in rep.tasks.items() if k[0] == "machine"):
         med, lo, hi = stats(t.samples)
         rows.append([t.mode, t.unit, fmt(med), fmt(hi), f"[{fmt(lo)}–{fmt(hi)}]"])
     out += md_table(["measure", "unit", "median", "best", "[min–max]"], rows, right_from=2)
-    out += ["",
-            f"- decode roofline: {fmt(L['bandwidth_gbs'])} GB/s (the best streaming read, "
-            f"\"{L['bandwidth_from']}\") ÷ {L['weight_bytes'] / 1e6:,.1f} MB of weights read per "
+    out += ["", f"The GB/s measures are taken in turn right before each decode measurement "
+            f"and each one-at-a-time prefill, so that they see the machine as those runs do; a "
+            f"run's figure is the best of its readings, each the best of {MACHINE_REPS} tries. "
+            f"The GFLOP/s measures run once per run, best of {MACHINE_REPS} tries.", "",
+            f"- decode roofline: {fmt(L['bandwidth_gbs'])} GB/s "
+            f"({limit_source(L, 'bandwidth', 'GB/s', 'streaming read')}) ÷ "
+            f"{L['weight_bytes'] / 1e6:,.1f} MB of weights read per "
             f"token (the output matrix included) = **{fmt(L['decode_roofline'])} tok/s**",
-            f"- prefill roofline: {fmt(L['sgemm_gflops'])} GFLOP/s (the best sgemm) ÷ FLOPs "
+            f"- prefill roofline: {fmt(L['sgemm_gflops'])} GFLOP/s "
+            f"({limit_source(L, 'sgemm', 'GFLOP/s', 'sgemm')}) ÷ FLOPs "
             f"per token (2 × {matrix_parameters(cfg)[0] / 1e6:.1f} M layer weights + causal "
             f"attention + the output matrix once per prompt)",
             "- every roofline is T / max(T × FLOPs per token ÷ sgemm rate, weight bytes ÷ "
             "bandwidth) for T tokens per pass over the weights: the batched prefill is "
-            "compute-bound, decode and one-at-a-time prefill bandwidth-bound"]
+            "compute-bound, decode and one-at-a-time prefill bandwidth-bound. The rates are "
+            "the best measured or the best llamanp's own runs reached, whichever is more, so "
+            "no figure of llamanp's can pass its roofline"]
 
     def compare_cells(t: Task, section, mode, size):
         cells = []
@@ -863,16 +945,51 @@ def write_csv(rep: Report, path: str) -> None:
                 single(engine, "peak RSS inplace", rep.plan.probe[0], r["peak_mb"])
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Ticks for a log axis from lo to hi: 1, 2 and 5 times every power of ten
+    in it, so every decade is marked; finer steps when that gives fewer than
+    four (a range inside one decade), and if even those do, the next fine
+    steps outside the range too (the axis then widens to show them)."""
+    decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 2)
+    for steps in ((1, 2, 5), (1, 2, 3, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9),
+                  (1, 1.2, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 6, 7, 8, 9)):
+        every = [m * 10.0 ** k for k in decades for m in steps]
+        ticks = [t for t in every if lo <= t <= hi]
+        if len(ticks) >= 4:
+            return ticks
+    below = [t for t in every if t < lo]
+    above = [t for t in every if t > hi]
+    while len(ticks) < 4:
+        ticks = [below.pop()] + ticks + [above.pop(0)]
+    return ticks
+
+
+def tick_label(v: float) -> str:
+    """A tick's number as written: plain digits (1000, not 1e+03), a decimal
+    only below 20."""
+    return f"{v:.0f}" if v >= 20 else f"{v:.3g}"
+
+
 def plot(rep: Report, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
+    fig, note = draw(rep, title)
+    # "tight" keeps the legends and the note below the plots in the picture
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    plt.close(fig)
 
-    def plain_log_axis(axis):
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(NullFormatter())
+
+def draw(rep: Report, title: str):
+    """The figure, and the note box on it (None without one)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    def plain_log_axis(ax):
+        # after everything is drawn, so that the limits are final
+        ax.set_yticks(log_ticks(*ax.get_ylim()))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: tick_label(v)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
     colours = {"inplace": "tab:blue", "concat": "tab:orange", "none": "tab:red",
                "batched": "tab:blue", "fill1": "tab:green",
@@ -909,20 +1026,22 @@ def plot(rep: Report, path: str, title: str) -> None:
                 parts.append(f"{paired_ratio(ours.samples, other.samples)[0]:.2f}× {kv}")
         if parts:
             lines.append(f"at {c}: " + ", ".join(parts))
-    if lines:
-        ax_d.text(0.98, 0.03, "tok/s of inplace ÷ other\n" + "\n".join(lines),
-                  transform=ax_d.transAxes, ha="right", va="bottom", fontsize=8,
-                  bbox=dict(boxstyle="round", facecolor="white", alpha=0.8, edgecolor="0.8"))
     ax_d.axhline(rep.limits["decode_roofline"], color="black", linestyle=":", linewidth=1,
                  label="bandwidth roofline")
     ax_d.set_yscale("log")
-    plain_log_axis(ax_d.yaxis)
+    plain_log_axis(ax_d)
     ax_d.set_xticks(ctxs)
     ax_d.set_xlabel("context (tokens before the decoded one)")
     ax_d.set_ylabel("decode tok/s (log)")
     ax_d.set_title("Decode: what the KV cache buys")
     ax_d.grid(True, which="both", alpha=0.3)
-    ax_d.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    legend = ax_d.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    note = None
+    if lines:   # under the legend, outside the plot, where it covers no line
+        note = ax_d.annotate("tok/s of inplace ÷ other\n" + "\n".join(lines),
+                             xy=(0.5, 0), xycoords=legend, xytext=(0, -6),
+                             textcoords="offset points", ha="center", va="top", fontsize=8,
+                             bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.8"))
 
     lens = list(rep.plan.prompt_lens)
     for mode in ("batched", "fill1"):
@@ -938,7 +1057,7 @@ def plot(rep: Report, path: str, title: str) -> None:
                  label="bandwidth roofline")
     ax_p.set_xscale("log", base=2)
     ax_p.set_yscale("log")
-    plain_log_axis(ax_p.yaxis)
+    plain_log_axis(ax_p)
     ax_p.set_xticks(lens)
     ax_p.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax_p.xaxis.set_minor_formatter(NullFormatter())
@@ -949,8 +1068,7 @@ def plot(rep: Report, path: str, title: str) -> None:
     ax_p.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig, note
 
 
 # --- the program ---------------------------------------------------------------------

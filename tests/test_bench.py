@@ -65,11 +65,162 @@ def test_bench_quick_writes_table_csv_and_plot(store, tmp_path):
         assert float(r["samples"]) == float(r["median"]), r   # one run: one sample
         if r["engine"] == "llamanp" and r["section"] in ("prefill", "decode"):
             assert float(r["roofline"]) > 0 and float(r["fraction_of_roofline"]) > 0, r
+            # the roofline is at least what llamanp reached, so no run passes it
+            assert float(r["fraction_of_roofline"]) <= 1, r
+            assert float(r["max"]) <= float(r["roofline"]) * (1 + 1e-5), r
+    for line in out.split("## Prefill", 1)[1].split("## Load", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        fractions = [c for c in cells if c.endswith("%")]
+        assert all(int(c[:-1]) <= 100 for c in fractions), line
 
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "matplotlib is not installed" in out and not out_png.exists()
+
+
+# --- the roofline, the interleaved bandwidth readings and the plot, on made-up figures ---
+
+def bench_module():
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    import bench
+    return bench
+
+
+def made_up_report(bench, model, read_gbs: float, sgemm_gflops: float):
+    """A Report as bench builds it, with made-up samples: llamanp decoding at
+    40-60 tok/s and prefilling at up to 900 tok/s."""
+    plan = bench.Plan(prompt_lens=(16, 64), fill1_max=64, contexts=(0, 64, 96), steps=4,
+                      none_steps=2, none_max=64, runs=3, machine_mb=16, sgemm_n=64,
+                      probe=(16, 4), hf_fill1_max=16, hf_context_max=0)
+    tasks = {}
+
+    def add(engine, section, mode, size, unit, samples):
+        t = bench.Task(engine, section, mode, size, unit, lambda: 0.0, samples=list(samples))
+        tasks[t.key] = t
+    add("machine", "machine", "read: BLAS sdot", 16, "GB/s", [read_gbs * f for f in (0.8, 1, .9)])
+    add("machine", "machine", "gemv: x @ W.T", 16, "GB/s", [read_gbs] * 3)
+    add("machine", "machine", "sgemm: 64 x 64 x 64", 64, "GFLOP/s", [sgemm_gflops] * 3)
+    for ctx, speed in zip(plan.contexts, (60, 50, 40)):
+        for kv, share in (("inplace", 1), ("concat", 0.9), ("none", 0.2)):
+            if kv != "none" or ctx <= plan.none_max:
+                add("llamanp", "decode", kv, ctx, "tok/s",
+                    [speed * share * f for f in (0.9, 1.0, 1.1)])
+    for n, speed in zip(plan.prompt_lens, (500, 900)):
+        add("llamanp", "prefill", "batched", n, "tok/s", [speed * f for f in (0.9, 1.0, 1.2)])
+        add("llamanp", "prefill", "fill1", n, "tok/s", [55, 50, 45])
+    rep = bench.Report(model, "made-up.lmw", plan, tasks, [], [], ["# made up"], {})
+    bench.compute_limits(rep)
+    return rep
+
+
+def llamanp_rows(rep):
+    return [(k, t) for k, t in rep.tasks.items()
+            if k[0] == "llamanp" and k[1] in ("prefill", "decode")]
+
+
+def test_no_run_passes_its_roofline_when_the_measures_saw_a_busy_machine(store, tmp_path):
+    bench = bench_module()
+    model = llamanp.load(str(store.lmw(BENCH_CASE)))
+    busy = made_up_report(bench, model, read_gbs=1e-3, sgemm_gflops=1e-3)
+    L = busy.limits
+    assert L["bandwidth_gbs"] > 1e-3 and L["sgemm_gflops"] > 1e-3
+    assert L["bandwidth_from"].startswith("llamanp's") and L["sgemm_from"].startswith("llamanp's")
+    best_fraction = 0.0
+    for (engine, section, mode, size), t in llamanp_rows(busy):
+        roof = bench.roofline(busy, section, mode, size)
+        assert max(t.samples) <= roof * (1 + 1e-12), (section, mode, size)
+        best_fraction = max(best_fraction, max(t.samples) / roof)
+    assert best_fraction == pytest.approx(1.0)      # the fastest run is the roofline
+    text = bench.render(busy)
+    assert "reached by llamanp's" in text and "a busy machine slowed the measure" in text
+    for section in ("## Prefill", "## Decode"):
+        table = text.split(section, 1)[1].split("\n\n")[1]
+        percents = [int(c.strip()[:-1]) for c in table.split("|") if c.strip().endswith("%")]
+        assert percents and max(percents) <= 100, table
+    out_csv = tmp_path / "r.csv"
+    bench.write_csv(busy, str(out_csv))
+    with open(out_csv, newline="") as f:
+        fractions = [float(r["fraction_of_roofline"]) for r in csv.DictReader(f)
+                     if r["fraction_of_roofline"]]
+    assert fractions and max(fractions) <= 1
+
+    # A quiet machine's measures stand: the roofline is theirs, well above every run.
+    quiet = made_up_report(bench, model, read_gbs=1e6, sgemm_gflops=1e9)
+    assert quiet.limits["bandwidth_from"] == '"read: BLAS sdot"'
+    assert quiet.limits["bandwidth_gbs"] == 1e6 and quiet.limits["sgemm_gflops"] == 1e9
+    assert "the best streaming read, \"read: BLAS sdot\"" in bench.render(quiet)
+
+
+def test_bandwidth_readings_are_interleaved_with_the_runs():
+    bench = bench_module()
+    log, values = [], iter(range(1, 1000))
+
+    def task(engine, section, mode, between=False):
+        def once():
+            log.append(mode)
+            return float(next(values))
+        return bench.Task(engine, section, mode, 0, "x", once, between=between)
+    reads = [task("machine", "machine", f"read{i}", between=True) for i in range(2)]
+    sgemm = task("machine", "machine", "sgemm")
+    work = [task("llamanp", "decode", "d1"), task("llamanp", "prefill", "batched"),
+            task("llamanp", "prefill", "fill1"), task("llamanp", "decode", "d2"),
+            task("llamanp", "load", "load")]
+    tasks = [*reads, sgemm, *work]
+    bench.run_round_robin(tasks, runs=3, settle=0, warmup=False)
+    runs = [log[i:i + 9] for i in range(0, len(log), 9)]
+    assert len(runs) == 3 and sum(map(len, runs)) == len(log)
+    for run in runs:
+        for i, mode in enumerate(run):     # a reading right before each bandwidth-bound task
+            if mode in ("d1", "d2", "fill1"):
+                assert run[i - 1].startswith("read"), run
+        assert [m for m in run if m.startswith("read")] == ["read0", "read1", "read0"]
+    for t in tasks:
+        assert len(t.samples) == 3, t.mode           # one figure per run for every task
+    # a run's figure of a reading is its best reading in that run (values grow here)
+    first_run_read0 = [v for v, m in zip(range(1, 10), runs[0]) if m == "read0"]
+    assert reads[0].samples[0] == max(first_run_read0)
+
+
+def test_log_axis_ticks_mark_every_decade_in_plain_numbers():
+    bench = bench_module()
+    wide = bench.log_ticks(0.8, 3000)
+    for decade in (1, 10, 100, 1000):
+        assert decade in wide
+    assert [bench.tick_label(v) for v in wide if v >= 20][:4] == ["20", "50", "100", "200"]
+    assert bench.tick_label(2000) == "2000" and bench.tick_label(1e6) == "1000000"
+    assert bench.tick_label(1.5) == "1.5" and bench.tick_label(0.2) == "0.2"
+    narrow = bench.log_ticks(15, 45)              # inside one decade: finer steps
+    assert len(narrow) >= 4 and {20, 30, 40} <= set(narrow)
+    assert all(15 <= v <= 45 for v in narrow)
+    tight = bench.log_ticks(41, 49)               # even finer: the axis widens a little
+    assert len(tight) >= 4 and tight[0] <= 41 and tight[-1] >= 49 and 45 in tight
+
+
+def test_plot_has_labels_and_its_note_outside_the_plots(store):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bench = bench_module()
+    rep = made_up_report(bench, llamanp.load(str(store.lmw(BENCH_CASE))), 5, 50)
+    fig, note = bench.draw(rep, "made up")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = note.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), ax.get_title()
+            shown = [t.get_text() for t in ax.get_yticklabels()
+                     if t.get_text() and ax.get_ylim()[0] <= t.get_position()[1]
+                     <= ax.get_ylim()[1]]
+            assert len(shown) >= 4, (ax.get_title(), shown)
+            assert not any("e+" in s or "$" in s for s in shown), shown
+            # labels all the way up: one at or above a third of the top of the axis
+            assert max(float(s) for s in shown) >= ax.get_ylim()[1] / 3, shown
+    finally:
+        plt.close(fig)
 
 
 def test_bench_bad_arguments_are_one_line(store, tmp_path):
