@@ -21,7 +21,7 @@ from .cliutil import ArgumentParser, run_main
 from .console import add_chat_arguments, run_chat_from_args
 from .errors import LlamanpError
 from .generate import Generation, GenerationStats, TokenLogprobs, check_stop_strings
-from .kvcache import STRATEGIES
+from .kvcache import STRATEGIES, check_spec
 from .model import Model, load
 from .sampling import Sampler, SamplingStep, check_sampling, softmax
 from .tokenizer import Tokenizer, load_tokenizer
@@ -95,9 +95,9 @@ def build_parser() -> ArgumentParser:
                       help="report each token's log-probability and the N most likely "
                            "alternatives (stderr and --stats-json)")
     r = p.add_argument_group("how to run it (all give the same numbers)")
-    r.add_argument("--kvcache", choices=STRATEGIES, default=None,
-                   help="KV cache: none (recompute everything), inplace (preallocated, "
-                        "the default) or concat (grown by concatenation)")
+    r.add_argument("--kvcache", default=None, metavar="SPEC",
+                   help="KV cache strategy, NAME or NAME:key=value,...: "
+                        f"{', '.join(STRATEGIES)} (default inplace; see docs/kv-cache.md)")
     r.add_argument("--nokvcache", action="store_true", help="same as --kvcache none")
     r.add_argument("--useinplacekvcache", action="store_true",
                    help="same as --kvcache inplace")
@@ -127,6 +127,8 @@ def kvcache_choice(args) -> str:
     implied = [name for flag, name in ((args.nokvcache, "none"),
                                        (args.useinplacekvcache, "inplace")) if flag]
     choices = set(implied + ([args.kvcache] if args.kvcache else []))
+    for spec in choices:
+        check_spec(spec)
     if len(choices) > 1:
         raise LlamanpError(f"conflicting KV-cache options ({', '.join(sorted(choices))}); "
                            "give just one")

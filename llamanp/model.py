@@ -220,14 +220,19 @@ class Workspace:
 
 
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
-              work: Optional[Workspace] = None) -> np.ndarray:
+              work: Optional[Workspace] = None, observe=None) -> np.ndarray:
     """Grouped-query causal attention: softmax(q k^T / sqrt(hd)) v.
 
-    q: [T, n_heads, hd] at positions start..start+T-1; keys/values:
-    [n_kv, hd, start+T] (llamanp.kvcache's layout). Query head h uses kv head
-    h // group, as Meta's repeat_kv does; grouping the queries instead of
-    repeating the keys keeps it one batched matmul per block, without copying
-    the cache. `work` lends the score matrices and the outputs.
+    q: [T, n_heads, hd], the queries of the last T of the keys/values
+    [n_kv, hd, start+T] (llamanp.kvcache's layout): `start` keys come before
+    the block (in any order), then the block's own T, which the causal mask
+    covers. Query head h uses kv head h // group, as Meta's repeat_kv does;
+    grouping the queries instead of repeating the keys keeps it one batched
+    matmul per block, without copying the cache. `work` lends the score
+    matrices and the outputs. `observe(weights, sums, first)`, if given, is
+    shown each query block's unnormalised weights [n_kv, rows, seen] and their
+    sums, rows ordered (query, head of the group) from query `first` on (the
+    KV-cache strategies that evict by attention read them there).
 
     The softmax is taken in base 2: 2^(s * log2 e) = e^s, and folding log2 e
     into the (small) query scale lets NumPy's exp2 run, which is faster than
@@ -240,7 +245,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
     if T == 1:
         # [n_kv, group, 1, hd] against [n_kv, 1, hd, seen]: one query per head
         qg = (q * scale).reshape(n_kv, group, 1, hd)
-        return attend_one(qg, keys, values).reshape(1, n_heads * hd)
+        return attend_one(qg, keys, values, observe).reshape(1, n_heads * hd)
     # queries as [n_kv, T, group, hd]: a block of consecutive queries is then
     # one contiguous [n * group, hd] matrix per kv head (rows ordered t, g)
     work = work if work is not None else Workspace()
@@ -253,18 +258,20 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int,
         attend_block(qg[:, t0:t1].reshape(n_kv, n * group, hd),
                      keys[..., :seen], values[..., :seen],
                      out[:, t0:t1].reshape(n_kv, n * group, hd), group,
-                     work.take("scores", (n_kv, n * group, seen)))
+                     work.take("scores", (n_kv, n * group, seen)),
+                     None if observe is None else lambda w, sums: observe(w, sums, t0))
     result = work.take("attention", (T, n_kv, group, hd))
     result[:] = out.transpose(1, 0, 2, 3)
     return result.reshape(T, n_heads * hd)
 
 
 def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.ndarray,
-                 group: int, buf: np.ndarray) -> None:
+                 group: int, buf: np.ndarray, observe=None) -> None:
     """n consecutive queries (the last of them at the last key), rows of qb
     [n_kv, n * group, hd] ordered (t, g), against keys/values [n_kv, hd, seen];
     writes the attention output into `out` [n_kv, n * group, hd]; the scores
-    go into `buf` [n_kv, n * group, seen].
+    go into `buf` [n_kv, n * group, seen]. `observe(weights, sums)` is shown
+    the weights before they are used.
 
     Every key before the block is in every query's past: only the block's own
     n keys need the causal mask.
@@ -275,13 +282,18 @@ def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.n
         lambda: np.matmul(qb, keys, out=buf),                  # [n_kv, rows, seen]
         lambda scores: scores.reshape(n_kv, n, group, seen)[..., seen - n:],
         _PAST[:n, None, :n])
+    if observe is not None:
+        observe(weights, sums)
     np.matmul(weights, values.transpose(0, 2, 1), out=out)
     out /= sums[..., None]
 
 
-def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray,
+               observe=None) -> np.ndarray:
     """A single query per head, qg [n_kv, group, 1, hd] (scaled), against
     keys/values [n_kv, hd, seen]; returns [n_kv, group, 1, hd].
+    `observe(weights [n_kv, group, seen], sums [n_kv, group], 0)` is shown
+    the weights before they are used.
 
     Both products are matrix-vector products, batched over the heads in one
     call each: numpy hands each head to BLAS's gemv, which streams the cache
@@ -291,6 +303,9 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarr
     """
     # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
     w, sums = softmax_parts(lambda: np.matmul(qg, keys[:, None]))
+    if observe is not None:
+        n_kv, group = qg.shape[:2]
+        observe(w.reshape(n_kv, group, -1), sums.reshape(n_kv, group), 0)
     # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
     mixed = np.matmul(values[:, None], w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     mixed /= sums[..., None]
@@ -534,8 +549,15 @@ class Model:
         all of a segment's queries, or (`last`) only its last ones."""
         def one(s, q, k, v):
             keys, values = s.cache.update(layer, k, v)
-            skip = 0 if last is None else s.n - last
-            return attention(q[skip:], keys, values, s.start + skip, self._work)
+            before = keys.shape[2] - s.n       # keys held before this block
+            if not s.cache.wants_weights:
+                skip = 0 if last is None else s.n - last
+                return attention(q[skip:], keys, values, before + skip, self._work)
+            # a strategy that reads the weights sees every query's
+            def observe(weights, sums, first):
+                s.cache.observe(layer, weights, sums, first, s.n)
+            out = attention(q, keys, values, before, self._work, observe)
+            return out if last is None else out[s.n - last:]
         if len(segments) == 1:
             return one(segments[0], q, k, v)
         per = [s.n if last is None else last for s in segments]
