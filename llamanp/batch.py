@@ -9,6 +9,11 @@ positions. A sequence that finishes leaves the batch; the others go on.
 
 Each sequence's numbers are the ones it would get alone (up to float rounding
 in the matrix products), so greedy results equal running each prompt alone.
+
+With a cache whose forks share what they hold (`paged`), prompts that start
+alike (a system prompt) share it: every prefix two or more prompts have in
+common is computed once, in a session that the prompts' sessions are forked
+from, so its blocks are held once for the whole batch (vLLM's prefix caching).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .errors import LlamanpError
-from .model import Model, feed_batch
+from .kvcache.paged import held_nbytes
+from .model import Model, Session, feed_batch
 from .sampling import Sampler
 
 
@@ -30,6 +36,7 @@ class BatchStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0               # batched forward passes after the prefill
+    kv_bytes: int = 0            # bytes the caches hold at the end (shared blocks once)
 
     @property
     def prefill_tps(self) -> float:
@@ -80,7 +87,10 @@ def generate_batch(model: Model, prompts: Iterable, max_new_tokens: int,
     if max_new_tokens == 0:
         return result
     t0 = time.perf_counter()
-    logits = feed_batch(sessions, prompts)         # one ragged prefill for all prompts
+    rest = prompts
+    if getattr(sessions[0].cache, "shares_prefix", False):
+        sessions, rest = shared_prefix_sessions(model, kvcache, max_seq_len, prompts)
+    logits = feed_batch(sessions, rest)            # one ragged prefill for all prompts
     stats.prefill_seconds = time.perf_counter() - t0
     active = list(range(len(prompts)))
     while active:
@@ -104,4 +114,39 @@ def generate_batch(model: Model, prompts: Iterable, max_new_tokens: int,
         stats.decode_seconds += time.perf_counter() - t0
         stats.steps += 1
         active = going
+    stats.kv_bytes = held_nbytes([s.cache for s in sessions])
     return result
+
+
+def shared_prefixes(prompts: list) -> list[int]:
+    """For each prompt, the length of the longest prefix it shares with another
+    prompt, short of its last token (whose logits must be computed)."""
+    shared = [0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    # in lexicographic order, a prompt's longest common prefix with any other
+    # prompt is the one with a neighbour
+    for a, b in zip(order, order[1:]):
+        pa, pb = prompts[a], prompts[b]
+        n = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), min(len(pa), len(pb)))
+        shared[a], shared[b] = max(shared[a], n), max(shared[b], n)
+    return [min(n, len(p) - 1) for n, p in zip(shared, prompts)]
+
+
+def shared_prefix_sessions(model: Model, kvcache: str, max_seq_len: Optional[int],
+                           prompts: list) -> tuple[list[Session], list]:
+    """Sessions for `prompts`, forked from one root, that already hold every
+    prefix shared by two or more prompts (each computed once, shorter ones
+    first, a longer one forked from the longest shorter one inside it);
+    returns them and what is left of each prompt to feed."""
+    shared = shared_prefixes(prompts)
+    done = {(): model.session(kvcache, max_seq_len)}      # prefix -> session holding it
+    for n, i in sorted((n, i) for i, n in enumerate(shared) if n):
+        prefix = tuple(prompts[i][:n])
+        if prefix in done:
+            continue
+        base = max((p for p in done if prefix[:len(p)] == p), key=len)
+        s = done[base].fork()
+        s.feed(prefix[len(base):])
+        done[prefix] = s
+    sessions = [done[tuple(p[:n])].fork() for p, n in zip(prompts, shared)]
+    return sessions, [p[n:] for p, n in zip(prompts, shared)]

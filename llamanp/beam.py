@@ -23,7 +23,10 @@ only the work differs. (transformers' early_stopping=True stops at the first
 K finished, which can miss better ones.)
 
 Every beam has its own Session; when one prefix is kept with several next
-tokens its cache is forked (copied), the prefixes dropped are freed.
+tokens its cache is forked (copied), the prefixes dropped are freed. With the
+`paged` cache a fork copies only the block table: the beams share the
+prompt's blocks, and a block is copied only when a beam writes into a shared
+one. The result's `.stats.peak_kv_bytes` says what the live beams held at most.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Iterable, NamedTuple, Optional
 import numpy as np
 
 from .errors import LlamanpError
+from .kvcache.paged import held_nbytes
 from .model import Model, Session
 from .sampling import descending, log_softmax
 
@@ -44,6 +48,17 @@ class Beam(NamedTuple):
     if it stopped at one); `logprob` = sum of log p(ids[i] | prompt, ids[:i])."""
     ids: list
     logprob: float
+
+
+@dataclass
+class BeamStats:
+    steps: int = 0               # tokens appended to the live beams
+    peak_kv_bytes: int = 0       # the most the live beams' caches held (shared blocks once)
+
+
+class BeamResult(list):
+    """The best Beams, best first, plus `.stats` (a BeamStats)."""
+    stats: BeamStats
 
 
 def beam_score(logprob: float, length: int, length_penalty: float) -> float:
@@ -105,7 +120,7 @@ def check_beam_args(beams, max_new_tokens, length_penalty) -> None:
 def beam_search(model: Model, ids, beams: int, max_new_tokens: int,
                 length_penalty: float = 1.0, early_stopping: bool = True,
                 stop_ids: Optional[Iterable[int]] = None, kvcache: str = "inplace",
-                max_seq_len: Optional[int] = None) -> list[Beam]:
+                max_seq_len: Optional[int] = None) -> BeamResult:
     """The `beams` best continuations of `ids`, best first, as Beam(ids, logprob).
 
     `stop_ids` default to the tokenizer's end-of-sequence ids (() = none).
@@ -124,11 +139,15 @@ def beam_search(model: Model, ids, beams: int, max_new_tokens: int,
         stop_ids = model.tokenizer.stop_ids if model.tokenizer is not None else ()
     stop = frozenset(int(i) for i in stop_ids)
     max_length = min(max_new_tokens, room)
+    stats = BeamStats()
     if max_length == 0:
-        return [Beam([], 0.0)]
+        result = BeamResult([Beam([], 0.0)])
+        result.stats = stats
+        return result
 
     finished = _Finished(beams, length_penalty)
     live = [_Live([], 0.0, session, session.feed(prompt))]
+    stats.peak_kv_bytes = session.cache.nbytes
     for length in range(1, max_length + 1):
         chosen = extend(live, beams, stop, finished)
         if length == max_length or not chosen:
@@ -139,7 +158,12 @@ def beam_search(model: Model, ids, beams: int, max_new_tokens: int,
                 chosen[0][2], length, max_length, length_penalty) <= finished.worst_score():
             break
         live = advance(live, chosen)
-    return finished.beams()
+        stats.steps += 1
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes,
+                                  held_nbytes([b.session.cache for b in live]))
+    result = BeamResult(finished.beams())
+    result.stats = stats
+    return result
 
 
 def extend(live: list[_Live], k: int, stop: frozenset, finished: _Finished):
