@@ -48,7 +48,7 @@ def write_tiny(path, vocab: int, tokenizer=None, seed: int = 0, max_seq_len: int
     return Path(path)
 
 
-def write_text_model(path, sp_model, seed: int = 0) -> Path:
+def write_text_model(path, sp_model, seed: int = 0, max_seq_len: int = 64) -> Path:
     """A model over the test SentencePiece tokenizer (vocab 300) that prefers the
     ~40 text pieces: byte and control pieces get logit 0, the rest logits of std 3."""
     import sentencepiece as spm
@@ -58,4 +58,4 @@ def write_text_model(path, sp_model, seed: int = 0) -> Path:
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     quiet = [i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_control(i)]
     return write_tiny(path, sp.get_piece_size(), read_tokenizer_file(sp_model), seed=seed,
-                      quiet_ids=quiet, logit_std=3.0)
+                      quiet_ids=quiet, logit_std=3.0, max_seq_len=max_seq_len)
