@@ -52,14 +52,12 @@ import argparse
 import csv
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 

@@ -6,8 +6,7 @@ eviction (window, sinks, h2o, snapkv, tova, knorm, random). A spec string
 "NAME:key=value,..." picks one everywhere (see docs/kv-cache.md).
 """
 
-from . import exact  # noqa: F401  (registers none, inplace, concat)
-from . import paged  # noqa: F401  (registers paged)
+from . import exact, paged  # noqa: F401  (register none, inplace, concat; paged)
 from .base import STRATEGIES, KVCache, Param, check_spec, make_cache, parse_spec, register, require
 from .exact import DTYPES, ConcatCache, InplaceCache, NoCache
 

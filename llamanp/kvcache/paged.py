@@ -164,13 +164,13 @@ class PagedCache(KVCache):
             raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
         if self._room != end:        # the first layer of this forward call
             self._make_room(start, end)
-        B = self.pool.block
-        for i in range(start // B, (end - 1) // B + 1):
+        B, pool = self.pool.block, self.pool
+        for i in range(start // B, (end - 1) // B + 1):   # the blocks these positions touch
             lo, hi = max(start, i * B), min(end, (i + 1) * B)
-            b = self.table[i]
-            self.pool.k[layer, :, :, b, lo - i * B:hi - i * B] = k[lo - start:hi - start].transpose(1, 2, 0)
-            self.pool.v[layer, :, :, b, lo - i * B:hi - i * B] = v[lo - start:hi - start].transpose(1, 2, 0)
-        return self.pool.read(layer, self.table[:(end - 1) // B + 1], end)
+            at, rows = slice(lo - i * B, hi - i * B), slice(lo - start, hi - start)
+            pool.k[layer, :, :, self.table[i], at] = k[rows].transpose(1, 2, 0)
+            pool.v[layer, :, :, self.table[i], at] = v[rows].transpose(1, 2, 0)
+        return pool.read(layer, self.table[:(end - 1) // B + 1], end)
 
     def _make_room(self, start: int, end: int) -> None:
         """Blocks for positions start..end-1, each held by this table alone."""
