@@ -336,3 +336,280 @@ def test_gguf_metadata_bounds(tmp_path, changes, words):
     src = write_variant(tmp_path / "m.gguf", metadata_changes=changes)
     with pytest.raises(LlamanpError, match=words):
         gguf_reader.read_gguf(src)
+
+
+# --- family: zip archives (.pt / .pth / pytorch_model.bin) ------------------------------------
+
+import io  # noqa: E402
+import pickle  # noqa: E402
+import time  # noqa: E402
+import zipfile  # noqa: E402
+
+from llamanp.convert import torchfile  # noqa: E402
+
+
+def central_entry(data: bytes, name: str) -> int:
+    """Offset of the central-directory header of member `name`."""
+    at = data.rfind(b"PK\x05\x06")
+    start = struct.unpack_from("<I", data, at + 16)[0]
+    while data[start:start + 4] == b"PK\x01\x02":
+        n, m, k = struct.unpack_from("<HHH", data, start + 28)
+        if data[start + 46:start + 46 + n].decode() == name:
+            return start
+        start += 46 + n + m + k
+    raise KeyError(name)
+
+
+def patched(data: bytes, name: str, **fields) -> bytes:
+    """Change central-directory (and, for flags and method, local) header fields."""
+    out = bytearray(data)
+    c = central_entry(data, name)
+    local = struct.unpack_from("<I", data, c + 42)[0]
+    where = {"version_needed": [(c + 6, "<H")], "flags": [(c + 8, "<H"), (local + 6, "<H")],
+             "method": [(c + 10, "<H"), (local + 8, "<H")], "offset": [(c + 42, "<I")],
+             "file_size": [(c + 24, "<I")]}
+    for key, value in fields.items():
+        for at, fmt in where[key]:
+            struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+def members_of(path) -> dict:
+    with zipfile.ZipFile(path) as zf:
+        return {i.filename: zf.read(i) for i in zf.infolist()}
+
+
+def write_archive(path, members, compress=None) -> None:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members:
+            zf.writestr(name, data, compress_type=(compress or {}).get(name, zipfile.ZIP_STORED))
+
+
+def small_pt(tmp_path, name="good.pt"):
+    path = tmp_path / name
+    torch.save({"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(3)}, path)
+    return path, f"{path.stem}/data.pkl"
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"version_needed": 99}, "version 9.9"),
+    ({"method": 9}, "compression method 9"),
+    ({"method": 99}, "compression method 99"),
+    ({"flags": 1}, "encrypted"),
+    ({"file_size": 6}, "holds"),
+])
+def test_zip_fields_zipfile_would_refuse(tmp_path, fields, words):
+    path, pkl = small_pt(tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(patched(path.read_bytes(), pkl, **fields))
+    with pytest.raises(LlamanpError, match=words) as e:
+        torchfile.load(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2])
+def test_compressed_data_pkl(tmp_path, method):
+    """A re-zipped checkpoint with a deflated data.pkl still loads; a corrupt stream is
+    one line; lzma and bzip2 (which zipfile would inflate without bound) are refused."""
+    path, pkl = small_pt(tmp_path)
+    members = list(members_of(path).items())
+    write_archive(tmp_path / "z.pt", members, {pkl: method})
+    if method != zipfile.ZIP_DEFLATED:
+        with pytest.raises(LlamanpError, match=f"compression method {method}"):
+            torchfile.load(tmp_path / "z.pt")
+        return
+    ours = torchfile.load(tmp_path / "z.pt")
+    theirs = torch.load(tmp_path / "z.pt")
+    np.testing.assert_array_equal(ours["a"].numpy(), theirs["a"].numpy())
+    data = bytearray((tmp_path / "z.pt").read_bytes())
+    c = central_entry(bytes(data), pkl)
+    local = struct.unpack_from("<I", data, c + 42)[0]
+    start = local + 30 + len(pkl)
+    data[start + 5:start + 25] = b"\xff" * 20                 # wreck the deflate stream
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(LlamanpError, match="does not inflate|CRC-32|holds") as e:
+        torchfile.load(tmp_path / "bad.pt")
+    assert "\n" not in str(e.value)
+
+
+def test_small_members_are_bounded_before_inflating(tmp_path):
+    path, pkl = small_pt(tmp_path)
+    members = members_of(path)
+    byteorder = pkl.replace("data.pkl", "byteorder")
+    members[byteorder] = b"\0" * (8 << 20)                    # 8 MiB of zeros: 8 KB deflated
+    write_archive(tmp_path / "z.pt", members.items(), {byteorder: zipfile.ZIP_DEFLATED})
+    t0 = time.perf_counter()
+    with pytest.raises(LlamanpError, match="claims 8388608 bytes"):
+        torchfile.load(tmp_path / "z.pt")
+    # ... and a directory that lies about the size inflates no more than the limit
+    lying = patched((tmp_path / "z.pt").read_bytes(), byteorder, file_size=6)
+    (tmp_path / "lie.pt").write_bytes(lying)
+    with pytest.raises(LlamanpError, match="holds 65 bytes, not the 6"):
+        torchfile.load(tmp_path / "lie.pt")
+    assert time.perf_counter() - t0 < 5
+
+
+def storage_data_offset(data: bytes, name: str) -> int:
+    c = central_entry(data, name)
+    local = struct.unpack_from("<I", data, c + 42)[0]
+    n, m = struct.unpack_from("<HH", data, local + 26)
+    return local + 30 + n + m
+
+
+def test_flipped_byte_in_a_storage_is_caught_by_its_crc(tmp_path):
+    src = write_llama2c_pt(tmp_path / "ckpt.pt")
+    data = bytearray(src.read_bytes())
+    at = storage_data_offset(bytes(data), "ckpt/data/0") + 7
+    data[at] ^= 0x10
+    src.write_bytes(bytes(data))
+    with zipfile.ZipFile(src) as zf:
+        assert zf.testzip() == "ckpt/data/0"     # zipfile, the reference, finds it too
+    convert_fails(src, tmp_path, mentions=("CRC-32",))
+
+
+def test_directory_entry_pointing_at_another_member(tmp_path):
+    path, _ = small_pt(tmp_path)
+    data = path.read_bytes()
+    other = struct.unpack_from("<I", data, central_entry(data, "good/data/1") + 42)[0]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(patched(data, "good/data/0", offset=other))
+    with pytest.raises(LlamanpError, match="points at a member named good/data/1"):
+        torchfile.load(bad)
+
+
+def test_duplicate_member_names(tmp_path):
+    path, _ = small_pt(tmp_path)
+    members = list(members_of(path).items())
+    members.append(("good/data/0", np.full(6, np.nan, np.float32).tobytes()))
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        write_archive(tmp_path / "dup.pt", members)
+    with pytest.raises(LlamanpError, match="names member good/data/0 twice"):
+        torchfile.load(tmp_path / "dup.pt")
+
+
+# --- family: the restricted unpickler ----------------------------------------------------------
+
+class StorageRef:
+    def __init__(self, key, numel, cls=torch.FloatStorage):
+        self.key, self.numel, self.cls = key, numel, cls
+
+
+class TensorRef:
+    def __init__(self, storage, offset, size, stride):
+        self.args = (storage, offset, size, stride, False, {})
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class Raw:
+    """Pickles as the opcodes given (for what a Pickler will not write)."""
+    def __init__(self, opcodes: bytes):
+        self.opcodes = opcodes
+
+
+def handmade(path, obj, storages: dict, protocol=2):
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, StorageRef):
+                return ("storage", o.cls, o.key, "cpu", o.numel)
+            return None
+    buf = io.BytesIO()
+    Pickler(buf, protocol=protocol).dump(obj)
+    members = [("hand/data.pkl", buf.getvalue()), ("hand/byteorder", b"little")]
+    members += [(f"hand/data/{k}", v) for k, v in storages.items()]
+    write_archive(path, members)
+    return path
+
+
+def raw_pickle_archive(path, opcodes: bytes):
+    write_archive(path, [("hand/data.pkl", opcodes), ("hand/byteorder", b"little")])
+    return path
+
+
+def test_build_cannot_change_the_allow_list(tmp_path):
+    """BUILD with a dict state on torch.FloatStorage is refused, and a later valid file
+    in the same process still reads as float32 (checked against torch.load)."""
+    evil = (b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x07\x00\x00\x00"
+            b"float64sb.")
+    with pytest.raises(LlamanpError, match="set attributes on a StorageType"):
+        torchfile.load(raw_pickle_archive(tmp_path / "evil.pt", evil))
+    assert torchfile.StorageType("float32").dtype == "float32"
+    path = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(4, dtype=torch.float32)}, path)
+    got = torchfile.load(path)["w"]
+    assert got.dtype == "float32"
+    np.testing.assert_array_equal(got.numpy(), torch.load(path)["w"].numpy())
+
+
+def test_bytearray_is_not_allowed(tmp_path):
+    evil = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\xc0\x85R."   # bytearray(3 << 30)
+    with pytest.raises(LlamanpError, match="references builtins.bytearray"):
+        torchfile.load(raw_pickle_archive(tmp_path / "evil.pt", evil))
+
+
+def test_error_messages_never_format_a_huge_value(tmp_path):
+    """A persistent id of memoised nested lists would take 2**40 characters to print."""
+    ops = b"\x80\x02]q\x00"                        # empty list, memo 0
+    for i in range(1, 41):                         # list_i = [list_{i-1}, list_{i-1}]
+        ops += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i])
+    ops += b"Q."                                   # BINPERSID on the last
+    t0 = time.perf_counter()
+    with pytest.raises(LlamanpError, match="unknown persistent id") as e:
+        torchfile.load(raw_pickle_archive(tmp_path / "evil.pt", ops))
+    assert time.perf_counter() - t0 < 5 and len(str(e.value)) < 400
+
+
+def test_hash_flooding_keys_are_refused(tmp_path):
+    p = (1 << 61) - 1
+    colliding = {k * p + 1: 0 for k in range(1, 2000)}   # the same hash, every one
+    for obj, words in ((colliding, "key is a int"), ({(1, 2): 0}, "key is a tuple"),
+                       ({frozenset([1]): 0}, "key is a frozenset")):
+        path = handmade(tmp_path / "evil.pt", obj, {})
+        t0 = time.perf_counter()
+        with pytest.raises(LlamanpError, match=words):
+            torchfile.load(path)
+        assert time.perf_counter() - t0 < 5
+    # optimizer state is keyed by small ints: still fine, as torch.load reads it
+    path = tmp_path / "opt.pt"
+    torch.save({"state": {0: {"step": 3}, 1: {"step": 4}}, "names": {"a", "b"}}, path)
+    assert torchfile.load(path) == torch.load(path)
+
+
+@pytest.mark.parametrize("size, stride", [((1000, 16), (0, 1)), ((4, 4), (1, 1)),
+                                          ((16, 16), (1, 0)), ((2, 3), (2, 1))])
+def test_views_that_reuse_stored_elements_are_refused(tmp_path, size, stride):
+    path = handmade(tmp_path / "z.pt", {"w": TensorRef(StorageRef("0", 16), 0, size, stride)},
+                    {"0": np.arange(16, dtype=np.float32).tobytes()})
+    with pytest.raises(LlamanpError, match="more than once"):
+        torchfile.load(path)
+
+
+def test_views_torch_makes_still_load(tmp_path):
+    base = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    views = {"t": base.transpose(0, 2), "p": base.permute(1, 2, 0), "s": base[:, 1:, ::2],
+             "one": base[:1, :, :1], "empty": base[:, :0]}
+    path = tmp_path / "views.pt"
+    torch.save(views, path)
+    ours, theirs = torchfile.load(path), torch.load(path)
+    for k in views:
+        np.testing.assert_array_equal(ours[k].numpy(), theirs[k].numpy())
+
+
+def test_zero_stride_checkpoint_does_not_convert(tmp_path):
+    """The 6 KB .pt that became a 1 GB .lmw: now one line, nothing written."""
+    big = 1 << 14
+    w = {k: torch.from_numpy(v) for k, v in canonical_weights().items()}
+    w["tok_embeddings.weight"] = torch.zeros(16).as_strided((big, DIM), (0, 1))
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model_args": llama2c_args(vocab_size=big), "model": w}, src)
+    assert src.stat().st_size < 50_000
+    convert_fails(src, tmp_path, mentions=("more than once",))
+
+
+def test_state_dict_keys_must_be_strings(tmp_path):
+    w = {k: torch.from_numpy(v) for k, v in canonical_weights().items()}
+    w[7] = torch.ones(2)
+    src = tmp_path / "ckpt.pt"
+    torch.save({"model_args": llama2c_args(), "model": w}, src)
+    convert_fails(src, tmp_path, mentions=("key 7 of type int",))

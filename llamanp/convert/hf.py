@@ -331,12 +331,7 @@ def _open_weight_file(path: str, kind: str) -> dict:
     """name -> lazy tensor (SafetensorsTensor or TorchTensor) of one file."""
     if kind == "safetensors":
         return safetensors.load(path)
-    tree = torchfile.load(path)
-    if not isinstance(tree, dict) or not all(
-            isinstance(v, torchfile.TorchTensor) for v in tree.values()):
-        raise LlamanpError(f"{os.path.basename(path)} is not a model state_dict (expected a "
-                           "dict of tensors)")
-    return tree
+    return torchfile.state_dict(torchfile.load(path), os.path.basename(path))
 
 
 def _read_all_weights(paths: list[str], kind: str, where: str) -> dict:

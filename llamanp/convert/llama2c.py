@@ -84,13 +84,11 @@ def is_llama2c_pt(obj) -> bool:
 def _strip_compile_prefix(state: dict, where: str) -> dict:
     """Drop the `_orig_mod.` that torch.compile puts in front of every key."""
     out = {}
-    for key, value in state.items():
+    for key, value in torchfile.state_dict(state, where, "model").items():
         name = key[len(_COMPILE_PREFIX):] if key.startswith(_COMPILE_PREFIX) else key
         if name in out:
-            raise LlamanpError(f"{where} has {name} both with and without the "
+            raise LlamanpError(f"{where} has {brief(name)} both with and without the "
                                f"{_COMPILE_PREFIX} prefix; the state_dict is inconsistent")
-        if not isinstance(value, torchfile.TorchTensor):
-            raise LlamanpError(f"{where}: model entry {brief(key)} is not a tensor")
         out[name] = value
     return out
 

@@ -114,12 +114,8 @@ def _read_params(directory: str) -> dict:
 
 
 def _load_shard(path: str) -> dict:
-    tree = torchfile.load(path)
     name = os.path.basename(path)
-    if not isinstance(tree, dict) or not all(
-            isinstance(v, torchfile.TorchTensor) for v in tree.values()):
-        raise LlamanpError(f"{name} is not a Meta checkpoint shard (expected a dict of "
-                           "tensors)")
+    tree = torchfile.state_dict(torchfile.load(path), name, "Meta checkpoint shard")
     shard = {k: v for k, v in tree.items() if k not in _IGNORED_KEYS}
     require_float_tensors(shard, name)
     return shard
