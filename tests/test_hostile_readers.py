@@ -613,3 +613,44 @@ def test_state_dict_keys_must_be_strings(tmp_path):
     src = tmp_path / "ckpt.pt"
     torch.save({"model_args": llama2c_args(), "model": w}, src)
     convert_fails(src, tmp_path, mentions=("key 7 of type int",))
+
+
+# --- family: GGUF structure --------------------------------------------------------------------
+
+def gguf_string(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+def test_gguf_arrays_nested_3000_deep(tmp_path):
+    value = struct.pack("<IQ", 9, 1) * 3000 + struct.pack("<IQ", 4, 0)
+    data = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + gguf_string("x")
+            + struct.pack("<I", 9) + value)
+    (tmp_path / "deep.gguf").write_bytes(data)
+    convert_fails(tmp_path / "deep.gguf", tmp_path, mentions=("nests arrays more than 8 deep",))
+
+
+def gguf_offset_field(data: bytes, name: str) -> int:
+    from test_gguf import _tensor_type_offset
+    return _tensor_type_offset(data, name) + 4
+
+
+@pytest.mark.parametrize("edit, words", [
+    ("moved", "not a multiple of the alignment"),
+    ("overlap", "claim the same bytes"),
+])
+def test_gguf_tensor_offsets_aligned_and_distinct(tmp_path, edit, words):
+    from test_gguf import SMALL, write_case
+
+    from llamanp.convert import gguf as gguf_reader
+    src = tmp_path / "m.gguf"
+    write_case(SMALL, src)
+    data = bytearray(src.read_bytes())
+    if edit == "moved":
+        at = gguf_offset_field(data, "token_embd.weight")
+        struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] + 4)
+    else:
+        v = struct.unpack_from("<Q", data, gguf_offset_field(data, "blk.0.attn_v.weight"))[0]
+        struct.pack_into("<Q", data, gguf_offset_field(data, "blk.0.attn_k.weight"), v)
+    src.write_bytes(bytes(data))
+    with pytest.raises(LlamanpError, match=words):
+        gguf_reader.read_gguf(src)

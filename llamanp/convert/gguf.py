@@ -68,6 +68,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import inputfile
 from ..config import Config, RopeScaling
 from ..errors import LlamanpError, brief
 from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors, few_names
@@ -131,6 +132,8 @@ def _first_line(text: str) -> str:
 
 def _printable(text: str) -> str:
     """A name read from the file, fit for a one-line message even if it is garbage."""
+    if len(text) > 120:
+        text = text[:120] + "..."
     return text if text and text.isprintable() else repr(text)
 
 
@@ -152,6 +155,7 @@ _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _STRING, _ARRAY = 8, 9
 _MAX_DIMS = 4
 _DEFAULT_ALIGNMENT = 32
+_MAX_ARRAY_NESTING = 8       # llama.cpp writes flat arrays; nesting is allowed, a little
 
 
 class _EndOfFile(Exception):
@@ -184,19 +188,22 @@ class _HeaderWalker:
         except UnicodeDecodeError:
             raise ValueError(f"the {what} is not valid UTF-8") from None
 
-    def skip_value(self, value_type: int, key: str) -> None:
+    def skip_value(self, value_type: int, key: str, depth: int = 0) -> None:
         if value_type in _SCALAR_BYTES:
             self.take(_SCALAR_BYTES[value_type], f"value of {key}")
         elif value_type == _STRING:
             self.take(self.u64(f"value of {key}"), f"value of {key}")
         elif value_type == _ARRAY:
+            if depth >= _MAX_ARRAY_NESTING:     # bounded recursion, here and in the gguf package
+                raise ValueError(f"metadata {key} nests arrays more than "
+                                 f"{_MAX_ARRAY_NESTING} deep")
             element_type = self.u32(f"value of {key}")
             count = self.u64(f"value of {key}")
             if element_type in _SCALAR_BYTES:
                 self.take(count * _SCALAR_BYTES[element_type], f"value of {key}")
             else:
                 for _ in range(count):
-                    self.skip_value(element_type, key)
+                    self.skip_value(element_type, key, depth + 1)
         else:
             raise ValueError(f"metadata {key} has unknown value type {value_type}")
 
@@ -204,7 +211,7 @@ class _HeaderWalker:
 def header_problem(path) -> Optional[str]:
     """What is wrong with a GGUF file's structure, or None: the header can be
     parsed within the file, and every tensor's data lies within it."""
-    with open(path, "rb") as f:
+    with inputfile.open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return "the file is empty"
@@ -259,6 +266,7 @@ def _walk_header(walk: _HeaderWalker, file_size: int) -> Optional[str]:
         return str(e)
     data_start = -(-walk.pos // alignment) * alignment
     names: set[str] = set()
+    spans = []
     for name, dims, qtype, offset in records:
         if name in names:
             return f"tensor {name} appears twice"
@@ -267,10 +275,24 @@ def _walk_header(walk: _HeaderWalker, file_size: int) -> Optional[str]:
         if dims[0] % block_size:        # dims[0] is the length of a row
             return (f"tensor {name} has rows of {dims[0]} values, not a whole number of "
                     f"{qtype.name} blocks of {block_size}")
-        end = data_start + offset + math.prod(dims) // block_size * block_bytes
+        if offset % alignment:
+            return (f"tensor {name} starts at offset {offset} of the data section, not a "
+                    f"multiple of the alignment {alignment}")
+        nbytes = math.prod(dims) // block_size * block_bytes
+        end = data_start + offset + nbytes
         if end > file_size:
             return (f"the file is truncated: tensor {name} needs bytes up to {end} but the "
                     f"file has {file_size}")
+        spans.append((offset, offset + nbytes, name))
+    return _overlap(spans)
+
+
+def _overlap(spans: list) -> Optional[str]:
+    """Two tensors whose bytes overlap (each byte of data belongs to one tensor), or None."""
+    spans = sorted(s for s in spans if s[0] < s[1])
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {first} and {second} claim the same bytes of the data section"
     return None
 
 
