@@ -654,3 +654,108 @@ def test_gguf_tensor_offsets_aligned_and_distinct(tmp_path, edit, words):
     src.write_bytes(bytes(data))
     with pytest.raises(LlamanpError, match=words):
         gguf_reader.read_gguf(src)
+
+
+# --- family: the conversion itself ------------------------------------------------------------
+
+def test_first_nonfinite_matches_numpy():
+    from llamanp.convert import first_nonfinite
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(3_000_000).astype(np.float32)
+    assert first_nonfinite(a) is None
+    for at, bad in ((2_500_001, np.inf), (17, np.nan), (1 << 20, -np.inf)):
+        b = a.copy()
+        b[at] = bad
+        assert first_nonfinite(b.reshape(1000, 3000)) == int(np.flatnonzero(~np.isfinite(b))[0])
+
+
+@pytest.mark.parametrize("fmt, name, bad", [
+    ("pt", "layers.0.attention.wk.weight", np.nan),
+    ("hf", "norm.weight", np.inf),
+])
+def test_nonfinite_weights_are_refused_by_name(tmp_path, fmt, name, bad):
+    w = canonical_weights()
+    w[name][-1, ...] = bad
+    if fmt == "pt":
+        src = write_llama2c_pt(tmp_path / "ckpt.pt", w)
+    else:
+        src = write_hf(tmp_path / "hf", w)
+    convert_fails(src, tmp_path, mentions=(f"tensor {name} holds a non-finite value",
+                                           "--allow-nonfinite"))
+    out = tmp_path / "forced.lmw"
+    rc, so, se = run_cli("convert.py", src, out, "--allow-nonfinite", timeout=CLI_TIMEOUT)
+    assert rc == 0, se
+    f = lmw.read(out)
+    stored = (f.tensors["layers.0.attention.wqkv.weight"][DIM:2 * DIM]
+              if name.endswith("wk.weight") else f.tensors[name])
+    np.testing.assert_array_equal(stored, w[name])           # NaN compares equal here
+
+
+def test_output_that_is_the_source_is_refused(tmp_path):
+    src = write_llama2c_pt(tmp_path / "x.pt")
+    before = src.read_bytes()
+    convert_fails_in_place = run_cli("convert.py", src, src, "--force", timeout=CLI_TIMEOUT)
+    assert_one_error(*convert_fails_in_place, "which the conversion reads")
+    assert src.read_bytes() == before
+    hf = write_hf(tmp_path / "hf")
+    config = (hf / "config.json").read_bytes()
+    os.symlink(hf / "config.json", tmp_path / "link.lmw")
+    for out in (hf / "config.json", tmp_path / "link.lmw"):
+        rc, so, se = run_cli("convert.py", hf, out, "--force", timeout=CLI_TIMEOUT)
+        assert_one_error(rc, so, se, "which the conversion reads")
+    assert (hf / "config.json").read_bytes() == config
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+
+SIGTERM_MIDWAY = """
+import os, signal, sys
+from llamanp.convert import cli
+
+class KillMidway(cli.Progress):
+    def __call__(self, done, total, name):
+        if done == 3:                 # the temporary file is open and half written
+            os.kill(os.getpid(), signal.SIGTERM)
+
+cli.Progress = KillMidway
+sys.exit(cli.run(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_conversion_removes_the_temporary_file(tmp_path):
+    import subprocess
+    import sys
+    src = write_llama2c_pt(tmp_path / "ckpt.pt")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    from conftest import REPO
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_MIDWAY, str(src),
+                           str(out_dir / "m.lmw")], cwd=REPO, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.strip() == "error: terminated"
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("special", ["fifo-src", "dev-zero-src", "fifo-config", "fifo-params",
+                                     "dev-zero-tokenizer"])
+def test_special_files_are_one_line_never_a_hang(tmp_path, special):
+    extra = []
+    if special == "fifo-src":
+        src = tmp_path / "ckpt.pt"
+        os.mkfifo(src)
+    elif special == "dev-zero-src":
+        src = "/dev/zero"
+    elif special == "fifo-config":
+        src = write_hf(tmp_path / "hf")
+        (src / "config.json").unlink()
+        os.mkfifo(src / "config.json")
+    elif special == "fifo-params":
+        src = write_meta(tmp_path / "meta")
+        (src / "params.json").unlink()
+        os.mkfifo(src / "params.json")
+    else:
+        src = write_llama2c_pt(tmp_path / "ckpt.pt")
+        extra = ["--tokenizer", "/dev/zero"]
+    t0 = time.perf_counter()
+    convert_fails(src, tmp_path, *extra)
+    assert time.perf_counter() - t0 < 30

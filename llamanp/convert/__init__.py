@@ -10,16 +10,17 @@ stores them, and hands everything to the writer.
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from .. import lmw, quant
+from .. import inputfile, lmw, quant
 from ..errors import LlamanpError
 from ..tokenizer import Tokenizer, TokenizerData, read_tokenizer_file
-from .checkpoint import Checkpoint, SourceTensor, check_canonical_tensors
+from .checkpoint import Checkpoint, check_canonical_tensors
 
 __all__ = ["convert", "read_checkpoint", "detect_format", "fused_tensors", "Checkpoint"]
 
@@ -41,6 +42,7 @@ def detect_format(src: Path) -> str:
                            "*.safetensors / pytorch_model.bin (Hugging Face), or one .gguf")
     if not src.exists():
         raise LlamanpError(f"{src} does not exist")
+    inputfile.require_regular(src)           # a FIFO or a device is never a checkpoint
     if src.name == "params.json":
         return "meta"
     if src.name == "config.json" or src.name.endswith(".safetensors.index.json") \
@@ -92,40 +94,109 @@ def read_checkpoint(src) -> Checkpoint:
 
 # --- canonical tensors -> the tensors an .lmw stores -----------------------------------
 
-def _stacked(parts: list[SourceTensor]) -> Callable[[], np.ndarray]:
-    return lambda: np.concatenate([p.load() for p in parts], axis=0)
+def _stacked(loads: list[Callable[[], np.ndarray]]) -> Callable[[], np.ndarray]:
+    return lambda: np.concatenate([load() for load in loads], axis=0)
 
 
-def fused_tensors(ckpt: Checkpoint) -> list[lmw.TensorSource]:
-    """The .lmw tensor list: wq|wk|wv stacked into wqkv, w1|w3 into w13."""
+_FINITE_CHECK_BLOCK = 1 << 20        # elements checked at a time: a 1 MB mask, not a copy
+
+
+def first_nonfinite(values: np.ndarray) -> Optional[int]:
+    """The flat index of the first NaN or infinity in `values`, or None."""
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHECK_BLOCK):
+        block = flat[start:start + _FINITE_CHECK_BLOCK]
+        finite = np.isfinite(block)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
+
+
+def _checked_finite(name: str, load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """`load`, refusing a tensor with NaN or infinite values, by name, as it is read.
+
+    A weight that is not finite is corrupt data (a flipped exponent, a broken
+    save); converted, it would only show up later as NaN logits.
+    """
+    def load_finite() -> np.ndarray:
+        values = load()
+        at = first_nonfinite(values)
+        if at is not None:
+            index = tuple(int(i) for i in np.unravel_index(at, values.shape))
+            raise LlamanpError(f"tensor {name} holds a non-finite value "
+                               f"({values.reshape(-1)[at]} at {list(index)}); the checkpoint "
+                               "is corrupt (pass --allow-nonfinite to convert it anyway)")
+        return values
+    return load_finite
+
+
+def fused_tensors(ckpt: Checkpoint, allow_nonfinite: bool = False) -> list[lmw.TensorSource]:
+    """The .lmw tensor list: wq|wk|wv stacked into wqkv, w1|w3 into w13.
+
+    Each source tensor is checked for NaN and infinities as it is read, unless
+    `allow_nonfinite`.
+    """
     check_canonical_tensors(ckpt.tensors, ckpt.config, ckpt.source or "checkpoint")
-    t = ckpt.tensors
+
+    def source(name: str) -> Callable[[], np.ndarray]:
+        load = ckpt.tensors[name].load
+        return load if allow_nonfinite else _checked_finite(name, load)
+
     out = []
     for name, shape in lmw.expected_shapes(ckpt.config).items():
         if name.endswith("attention.wqkv.weight"):
             p = name[: -len("wqkv.weight")]
-            load = _stacked([t[p + "wq.weight"], t[p + "wk.weight"], t[p + "wv.weight"]])
+            load = _stacked([source(p + "wq.weight"), source(p + "wk.weight"),
+                             source(p + "wv.weight")])
         elif name.endswith("feed_forward.w13.weight"):
             p = name[: -len("w13.weight")]
-            load = _stacked([t[p + "w1.weight"], t[p + "w3.weight"]])
+            load = _stacked([source(p + "w1.weight"), source(p + "w3.weight")])
         else:
-            load = t[name].load
+            load = source(name)
         out.append(lmw.TensorSource(name, shape, load))
     return out
+
+
+def _files_read(src: Path, kind: str, tokenizer) -> list[Path]:
+    """The files a conversion of `src` reads (an existing OUT must be none of them)."""
+    if src.is_dir() or kind in ("meta", "hf") or src.name.startswith("consolidated."):
+        directory = src if src.is_dir() else src.parent
+        files = list(directory.iterdir())
+        if kind == "meta":
+            files.append(directory.resolve().parent / "tokenizer.model")
+    else:
+        files = [src]
+    if tokenizer is not None:
+        files.append(Path(tokenizer))
+    return files
+
+
+def _refuse_overwriting_sources(src: Path, out: Path, tokenizer) -> None:
+    if not out.exists():
+        return
+    for path in _files_read(src, detect_format(src), tokenizer):
+        try:
+            same = os.path.samefile(path, out)
+        except OSError:
+            continue
+        if same:
+            raise LlamanpError(f"{out} is {path}, which the conversion reads; "
+                               "give another output file")
 
 
 # --- the whole conversion -----------------------------------------------------------------
 
 def convert(src, out, tokenizer=None, force: bool = False,
             progress: Optional[Callable[[int, int, str], None]] = None,
-            dtype: str = "f32") -> Checkpoint:
+            dtype: str = "f32", allow_nonfinite: bool = False) -> Checkpoint:
     """Convert checkpoint `src` (file or directory) into the .lmw file `out`.
 
     `tokenizer` (a path) is embedded, overriding any the checkpoint carries.
     `dtype` is how the weights are stored: "f32" (default), "f16", "bf16" or
     "q8_0" (norms always f32; see docs/lmw-format.md §3); computation is
-    float32 whatever it is. Nothing is written unless the whole conversion
-    succeeds.
+    float32 whatever it is. A weight holding NaN or infinity is refused by
+    name unless `allow_nonfinite`. Nothing is written unless the whole
+    conversion succeeds, and never over a file the conversion reads.
     """
     quant.check_dtype(dtype)
     out = Path(out)
@@ -133,13 +204,16 @@ def convert(src, out, tokenizer=None, force: bool = False,
         raise LlamanpError(f"{out} already exists; pass --force to overwrite it")
     if out.exists() and out.is_dir():
         raise LlamanpError(f"{out} is a directory; give a file name such as model.lmw")
+    src = Path(src)
+    _refuse_overwriting_sources(src, out, tokenizer)
     tok: Optional[TokenizerData] = None
     if tokenizer is not None:
+        inputfile.require_regular(tokenizer)
         tok = read_tokenizer_file(tokenizer)
     ckpt = read_checkpoint(src)
     if tok is not None:
         ckpt.tokenizer = tok
-    tensors = fused_tensors(ckpt)
+    tensors = fused_tensors(ckpt, allow_nonfinite)
     if ckpt.tokenizer is not None:
         n_tok = Tokenizer.from_data(ckpt.tokenizer).vocab_size
         if n_tok > ckpt.config.vocab_size:

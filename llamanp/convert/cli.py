@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -26,6 +28,9 @@ def build_parser() -> ArgumentParser:
                    help="how to store the weights (default f32): f16, bf16 (2 bytes each) "
                         "or q8_0 (8-bit blocks, ~1.06 bytes each); norms stay f32 and "
                         "computation is float32 whatever is stored")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="convert weights holding NaN or infinity instead of refusing them "
+                        "(they are corrupt data in any checkpoint meant to run)")
     return p
 
 
@@ -54,7 +59,8 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     ckpt = convert(args.src, args.out, tokenizer=args.tokenizer, force=args.force,
-                   progress=Progress(), dtype=args.dtype)
+                   progress=Progress(), dtype=args.dtype,
+                   allow_nonfinite=args.allow_nonfinite)
     c = ckpt.config
     tok = ckpt.tokenizer.kind if ckpt.tokenizer is not None else "none"
     print(f"wrote {args.out}: {ckpt.source}, {c.n_layers} layers, dim {c.dim}, "
@@ -67,5 +73,23 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that the writer removes its temporary
+    file on the way out as it does for Ctrl-C (not an Exception: nothing may swallow it)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def run(argv: Optional[list] = None) -> int:
-    return run_main(main, argv)
+    if threading.current_thread() is not threading.main_thread():
+        return run_main(main, argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return run_main(main, argv)
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
