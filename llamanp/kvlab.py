@@ -24,16 +24,19 @@ passkey   A five-digit number hidden at 10%, 50% and 90% of --passkey-tokens
           teacher forcing, and whether greedy decoding retrieves them (greedy
           decoding follows the teacher-forced path exactly as long as every
           argmax is the right token, so the one pass answers both).
+bytes     `cache.nbytes` of each quality session's cache after the whole text
+          (the arrays it has allocated, capacity included, measured from
+          the arrays) and per position it holds in a layer.
 cost      In a fresh process per strategy, so that its peak RSS is its own:
-          the whole text fed as an ordinary prefill (micro-batches of 512;
-          prefill tok/s, `cache.nbytes` at the end -- the bytes of the arrays
-          the cache has allocated, measured from the arrays -- and per held
-          position, the peak RSS of the process); then decode tok/s at
+          the passkey prompts (prefill tok/s = their tokens over their
+          ordinary prefill time, micro-batches of 512); then decode tok/s at
           contexts 512, 2048, 4096, 8192 (capped at the model's context): the
           cache is filled cheaply with random keys and values through its own
-          update path (no model run: decode speed depends on how many
-          positions a cache holds and how, not on their values), then
-          --steps single-token steps are timed; the median step counts.
+          update path in calls of 512 (no model run: decode speed depends on
+          how many positions a cache holds and how, not on their values),
+          then --steps single-token steps are timed after one warm-up step;
+          the median step counts. Peak RSS: that process's, over all of it
+          (the model's mapped weights and the largest decode context included).
 sharing   With `paged` among the strategies: 8 prompts sharing a 512-token
           prefix generated as one batch, bytes held by the paged pool against
           8 in-place caches sized exactly to the sequences, outputs compared;
@@ -52,6 +55,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -98,10 +102,12 @@ class Quality:
     kl: list = field(default_factory=list)     # per chunk: KL of each position
     agree: int = 0
     n: int = 0
+    logit_diff: float = 0.0     # max |logits - full's| / max |full's logits|, over chunks
 
     def add(self, logp: np.ndarray, targets: np.ndarray, ref_logp: np.ndarray,
-            ref_p: np.ndarray, ref_top: np.ndarray) -> None:
+            ref_p: np.ndarray, ref_top: np.ndarray, diff: float = 0.0) -> None:
         rows = np.arange(len(targets))
+        self.logit_diff = max(self.logit_diff, diff)
         self.nll -= float(logp[rows, targets].sum())
         self.kl.append((ref_p * (ref_logp - logp)).sum(axis=-1))
         self.agree += int((logp.argmax(axis=-1) == ref_top).sum())
@@ -112,7 +118,8 @@ class Quality:
         mean = self.nll / self.n
         return {"ppl": math.exp(mean) if mean < 700 else math.inf,
                 "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
-                "kl_max": float(kl.max()), "top1": self.agree / self.n, "scored": self.n}
+                "kl_max": float(kl.max()), "top1": self.agree / self.n, "scored": self.n,
+                "logit_diff": self.logit_diff}
 
 
 def quality(model, ids: np.ndarray, specs: list, chunk: int, layer: int,
@@ -122,24 +129,32 @@ def quality(model, ids: np.ndarray, specs: list, chunk: int, layer: int,
 
     Returns ({spec: quality summary}, the full cache's summary,
     {spec: positions its cache holds at the end in `layer`})."""
-    n = len(ids)
-    ref = model.session("inplace", max_seq_len=n)
-    sessions = {spec: model.session(spec, max_seq_len=n) for spec in specs}
+    n = len(ids)            # the last token is only predicted, never fed
+    ref = model.session("inplace", max_seq_len=n - 1)
+    sessions = {spec: model.session(spec, max_seq_len=n - 1) for spec in specs}
     full, per = Quality(), {spec: Quality() for spec in specs}
     t0 = time.perf_counter()
     for start in range(0, n - 1, chunk):        # the last token predicts nothing
         piece = ids[start:min(start + chunk, n - 1)]
         targets = ids[start + 1:start + 1 + len(piece)]
-        ref_logp = log_softmax64(ref.feed(piece, all_logits=True))
+        ref_logits = ref.feed(piece, all_logits=True)
+        scale = float(np.abs(ref_logits).max())
+        ref_logp = log_softmax64(ref_logits)
         ref_p, ref_top = np.exp(ref_logp), ref_logp.argmax(axis=-1)
         full.add(ref_logp, targets, ref_logp, ref_p, ref_top)
         for spec, s in sessions.items():
-            logp = log_softmax64(s.feed(piece, all_logits=True))
-            per[spec].add(logp, targets, ref_logp, ref_p, ref_top)
+            logits = s.feed(piece, all_logits=True)
+            diff = float(np.abs(logits - ref_logits).max()) / scale
+            per[spec].add(log_softmax64(logits), targets, ref_logp, ref_p, ref_top, diff)
         if progress is not None:
             progress(start + len(piece), n - 1, time.perf_counter() - t0)
     kept = {spec: [int(p) for p in s.cache.positions(layer)] for spec, s in sessions.items()}
-    return {spec: q.summary() for spec, q in per.items()}, full.summary(), kept
+    summary = {spec: q.summary() for spec, q in per.items()}
+    for spec, s in sessions.items():        # the bytes each holds after the whole text
+        nbytes, held = int(s.cache.nbytes), held_positions(s.cache)
+        summary[spec].update(nbytes=nbytes, held=held,
+                             bytes_per_position=nbytes / held if held else 0.0)
+    return summary, full.summary(), kept
 
 
 def passkey_prompt(tok, n_filler: int, depth: float, key: str) -> tuple[list, list]:
@@ -161,11 +176,13 @@ def passkey_prompt(tok, n_filler: int, depth: float, key: str) -> tuple[list, li
 
 
 def passkey(model, spec: str, cases: list) -> list[dict]:
-    """Teacher-force each case's answer after its prompt."""
+    """Teacher-force each case's answer after its prompt (its prefill timed)."""
     out = []
     for depth, prompt, answer in cases:
         s = model.session(spec, max_seq_len=len(prompt) + len(answer))
+        t0 = time.perf_counter()
         logits = s.feed(prompt)
+        seconds = time.perf_counter() - t0
         logprob, greedy = 0.0, True
         for i, a in enumerate(answer):
             lp = log_softmax64(logits)
@@ -174,7 +191,7 @@ def passkey(model, spec: str, cases: list) -> list[dict]:
             if i + 1 < len(answer):
                 logits = s.feed([a])
         out.append({"depth": depth, "tokens": len(prompt), "logprob": logprob,
-                    "retrieved": greedy})
+                    "retrieved": greedy, "prefill_seconds": seconds})
     return out
 
 
@@ -216,23 +233,16 @@ def held_positions(cache) -> float:
     return sum(len(cache.positions(i)) for i in range(layers)) / layers
 
 
-def cost(model, spec: str, ids: list, cases: list, contexts: list, steps: int,
+def cost(model, spec: str, cases: list, contexts: list, steps: int, token: int,
          seed: int) -> dict:
-    """Everything measured in the probe process: prefill, bytes, RSS, passkey, decode."""
+    """What the probe process measures: the passkey prompts (their prefill
+    timed), decode speeds, and the peak RSS of it all."""
     loaded = peak_rss_mb()
-    s = model.session(spec, max_seq_len=len(ids))
-    t0 = time.perf_counter()
-    s.feed(ids)
-    seconds = time.perf_counter() - t0
-    nbytes, held = int(s.cache.nbytes), held_positions(s.cache)
-    result = {"prefill_tps": len(ids) / seconds, "nbytes": nbytes, "held": held,
-              "bytes_per_position": nbytes / held if held else 0.0,
-              "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()}
-    del s
-    result["passkey"] = passkey(model, spec, cases)
-    result["decode"] = {c: decode_speed(model, spec, c, steps, ids[-1], seed)
-                        for c in contexts}
-    return result
+    keys = passkey(model, spec, cases)
+    decode = {c: decode_speed(model, spec, c, steps, token, seed) for c in contexts}
+    return {"passkey": keys, "decode": decode,
+            "prefill_tps": sum(p["tokens"] for p in keys) / sum(p["prefill_seconds"] for p in keys),
+            "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()}
 
 
 # --- sharing: paged against copies --------------------------------------------------
@@ -266,10 +276,6 @@ def sharing(model, ids: list, prefix: int = 512, n: int = 8, suffix: int = 32,
 
 # --- the report ---------------------------------------------------------------------
 
-COLUMNS = ("strategy", "bytes", "bytes_per_position", "held", "kl_mean", "kl_p99", "top1",
-           "ppl", "ppl_change", "passkey", "prefill_tps", "rss_peak_mb")
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -283,8 +289,8 @@ def rows_of(results: dict, full: dict) -> list[dict]:
     rows = []
     for spec, r in results.items():
         row = {"strategy": spec, **{k: r.get(k) for k in
-                                    ("nbytes", "bytes_per_position", "held", "kl_mean",
-                                     "kl_p99", "kl_max", "top1", "ppl", "prefill_tps",
+                                    ("nbytes", "bytes_per_position", "held", "logit_diff",
+                                     "kl_mean", "kl_p99", "kl_max", "top1", "ppl", "prefill_tps",
                                      "rss_loaded_mb", "rss_peak_mb", "error")}}
         if r.get("ppl") is not None:
             row["ppl_change"] = r["ppl"] / full["ppl"] - 1
@@ -303,7 +309,8 @@ def fmt(x, spec: str = ".3g") -> str:
 
 def table(rows: list[dict], contexts: list) -> str:
     """The markdown table printed at the end."""
-    head = (["strategy", "bytes held", "B/position", "KL mean", "KL p99", "top-1", "ppl",
+    head = (["strategy", "bytes held", "B/position", "logits Δ", "KL mean", "KL p99", "top-1",
+             "ppl",
              "Δppl", "passkey 10/50/90%"] + [f"decode@{c}" for c in contexts]
             + ["prefill tok/s", "peak RSS MiB"])
     lines = ["| " + " | ".join(head) + " |",
@@ -315,7 +322,8 @@ def table(rows: list[dict], contexts: list) -> str:
         keys = [k for k in r if k.startswith("passkey_") and k.endswith("_retrieved")]
         pk = " ".join(("✓" if r[k] else "✗") + f"{r[k[:-10] + '_logprob']:.1f}" for k in keys)
         cells = [r["strategy"], human_bytes(r["nbytes"]) if r.get("nbytes") is not None else "–",
-                 fmt(r.get("bytes_per_position"), ",.0f"), fmt(r.get("kl_mean"), ".2e"),
+                 fmt(r.get("bytes_per_position"), ",.0f"), fmt(r.get("logit_diff"), ".1e"),
+                 fmt(r.get("kl_mean"), ".2e"),
                  fmt(r.get("kl_p99"), ".2e"), fmt(r.get("top1"), ".4f"), fmt(r.get("ppl"), ".3f"),
                  fmt(r.get("ppl_change"), "+.2%"), pk or "–"]
         cells += [fmt(r.get(f"decode_tps_{c}"), ".1f") for c in contexts]
@@ -490,6 +498,27 @@ def strategy_specs(args, config) -> list[str]:
     return specs
 
 
+LEGEND = (
+    "bytes held: cache.nbytes after the whole text (allocated arrays, measured); B/position: "
+    "per position held in a layer. logits Δ: max |logits - full cache's| / max |full's| "
+    "(exact strategies: float rounding only). KL: KL(full || strategy) of the next-token "
+    "distributions, nats, mean and 99th percentile over the positions; top-1: how often the "
+    "argmaxes agree; ppl, Δppl: the strategy's perplexity and its change. Quality is fed "
+    "teacher-forced {chunk} tokens per forward call; eviction after each call, budget {budget}. "
+    "passkey: ✓/✗ greedy retrieval and the answer's log-probability at 10/50/90% depth. "
+    "decode@C: tok/s of single steps after C positions (cache filled with random keys and "
+    "values, median of the steps); prefill: the passkey prompts' ordinary prefill; peak RSS: "
+    "a fresh process per strategy running the passkey and decode tests (the model's mapped "
+    "weights and the largest decode context included).")
+
+
+def load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -541,8 +570,8 @@ def main(argv=None) -> int:
     check_args(args, model)
     ids = text_ids(model, args.text, args.tokens)
     if args.probe is not None:          # the cost process of one spec
-        r = cost(model, args.probe, ids, passkey_cases(model, args), args.context_list,
-                 args.steps, args.seed)
+        r = cost(model, args.probe, passkey_cases(model, args), args.context_list,
+                 args.steps, ids[-1], args.seed)
         print(json.dumps(r))
         return 0
 
@@ -552,7 +581,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LlamanpError(f"cannot create {out}: {e.strerror}") from None
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), load_average()
     say(f"{len(ids)} tokens, {len(specs)} strategies, budget {args.budget}, "
         f"chunk {args.chunk}")
 
@@ -589,6 +618,10 @@ def main(argv=None) -> int:
                    f"beam search, {m['beams']} beams on a {m['prompt']}-token prompt: peak bytes "
                    f"paged {human_bytes(m['paged_peak_kv_bytes'])} vs in-place copies "
                    f"{human_bytes(m['inplace_peak_kv_bytes'])}, same beams: {m['same_beams']}"]
+    report += ["", LEGEND.format(budget=args.budget, chunk=args.chunk),
+               f"Wall time {time.perf_counter() - t_start:.0f} s; load average at start / end "
+               f"{load_start} / {load_average()} on {os.cpu_count()} CPUs (a shared machine "
+               "slows every timing; they are single runs)."]
     text = "\n".join(report)
     print(text)
     write_csv(rows, out / "kvlab.csv")

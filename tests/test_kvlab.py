@@ -76,6 +76,7 @@ def test_lab_table_against_independent_runs(tiny, tmp_path, capsys):
         assert float(r["ppl"]) == pytest.approx(ppl, rel=1e-9)
         if spec != lossy_spec():            # exact: the full cache's numbers
             assert abs(float(r["kl_mean"])) < 1e-9 and float(r["top1"]) == 1.0
+            assert float(r["logit_diff"]) <= 1e-5
             assert float(r["ppl"]) == pytest.approx(full_ppl, rel=1e-6)
         else:
             assert float(r["kl_mean"]) > 1e-6          # it forgets, and it shows
