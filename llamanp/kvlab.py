@@ -349,41 +349,44 @@ def plots(rows: list[dict], full: dict, kept: dict, n_tokens: int, contexts: lis
 
     made = []
     ok = [r for r in rows if not r.get("error") and r.get("nbytes")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, key, label in ((axes[0], "kl_mean", "mean KL(full ‖ strategy), nats"),
-                           (axes[1], "ppl", "perplexity")):
+    markers = "osD^v<>ph*XP"
+    # one colour and marker per strategy, the same in both figures
+    style = {r["strategy"]: dict(color=plt.cm.tab20(i % 20), marker=markers[i % len(markers)])
+             for i, r in enumerate(ok)}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, key, label in ((axes[0], "kl_mean", "mean KL(full ‖ strategy), nats (log)"),
+                           (axes[1], "ppl", "perplexity (log)")):
         for r in ok:
             y = r[key] if key == "ppl" else max(r[key], 1e-9)   # exact ones sit on the floor
-            ax.scatter(r["nbytes"], y, s=25)
-            ax.annotate(r["strategy"], (r["nbytes"], y), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.scatter(r["nbytes"], y, s=40, label=r["strategy"], **style[r["strategy"]])
         if key == "ppl":
-            ax.axhline(full["ppl"], color="black", linestyle=":", linewidth=1,
-                       label=f"full cache {full['ppl']:.3f}")
-            ax.legend(fontsize=8)
-        else:
-            ax.set_yscale("log")
+            ax.axhline(full["ppl"], color="black", linestyle=":", linewidth=1)
+            ax.annotate(f"full cache {full['ppl']:.3f}", (0.01, full["ppl"]), fontsize=8,
+                        xycoords=("axes fraction", "data"), xytext=(0, 3),
+                        textcoords="offset points")
+        ax.set_yscale("log")
         ax.set_xscale("log")
         ax.set_xlabel("bytes held at the end (cache.nbytes, log)")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(f"{title}: quality against memory (KL 1e-9 = exact)", fontsize=10)
     fig.tight_layout()
     made.append(out / "quality_vs_bytes.png")
     fig.savefig(made[-1], dpi=90)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for r in ok:
         pts = [(c, r.get(f"decode_tps_{c}")) for c in contexts]
         pts = [p for p in pts if p[1] is not None]
         if pts:
-            ax.plot(*zip(*pts), "-o", markersize=3, label=r["strategy"])
+            ax.plot(*zip(*pts), "-", markersize=4, label=r["strategy"], **style[r["strategy"]])
     ax.set_xlabel("context (positions before the decoded token)")
     ax.set_ylabel("decode tok/s")
     ax.set_title(f"{title}: decode speed against context (single runs, noisy)", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     made.append(out / "decode_vs_context.png")
     fig.savefig(made[-1], dpi=90)
@@ -474,16 +477,14 @@ def strategy_specs(args, config) -> list[str]:
     from .kvcache import make_cache
 
     if args.strategies is None:
-        specs, missing = [], []
+        specs = []
         for template in DEFAULT_SPECS:
             spec = template.format(budget=args.budget)
             try:
                 make_cache(spec, config, 1)
                 specs.append(spec)
-            except LlamanpError:
-                missing.append(spec)
-        if missing:
-            say(f"not available here, left out: {'; '.join(missing)}")
+            except LlamanpError as e:        # not on this version, or not at this budget
+                say(f"left out {spec}: {e}")
         return specs
     specs = [s.strip() for s in args.strategies.split(";") if s.strip()]
     if not specs:
@@ -588,22 +589,30 @@ def main(argv=None) -> int:
     def progress(done, total, seconds):
         if done == total or done % (16 * args.chunk) < args.chunk:
             say(f"  quality: {done}/{total} positions, {seconds:.0f} s")
+    phases = {}
     per, full, kept = quality(model, np.asarray(ids), specs, args.chunk, args.layer, progress)
+    phases["quality"] = time.perf_counter() - t_start
     results = {spec: dict(per[spec]) for spec in specs}
     if not args.no_cost:
+        t_cost = time.perf_counter()
         for spec in specs:
             t0 = time.perf_counter()
             args.probe_spec = spec
             results[spec].update(run_probe(args))
             say(f"  cost: {spec} ({time.perf_counter() - t0:.0f} s)")
+        phases["cost"] = time.perf_counter() - t_cost
     share = None
     if "paged" in specs and not args.no_sharing:
         say("  sharing: paged against copies")
+        t0 = time.perf_counter()
         share = sharing(model, ids)
+        phases["sharing"] = time.perf_counter() - t0
     rows = rows_of(results, full)
     name = Path(args.weights).stem
     report = [f"# KV-cache lab: {name}, {Path(args.text).name}, {len(ids)} tokens",
-              "",
+              "", "command: python -m llamanp.kvlab " + " ".join(
+                  a if a and all(c.isalnum() or c in "-_.,=:/" for c in a) else repr(a)
+                  for a in (sys.argv[1:] if argv is None else argv)), "",
               f"full cache: perplexity {full['ppl']:.4f} over {full['scored']} positions; "
               f"quality fed in chunks of {args.chunk}; budget {args.budget}; passkey filler "
               f"{args.passkey_tokens} tokens; kept positions of layer {args.layer}",
@@ -619,7 +628,9 @@ def main(argv=None) -> int:
                    f"paged {human_bytes(m['paged_peak_kv_bytes'])} vs in-place copies "
                    f"{human_bytes(m['inplace_peak_kv_bytes'])}, same beams: {m['same_beams']}"]
     report += ["", LEGEND.format(budget=args.budget, chunk=args.chunk),
-               f"Wall time {time.perf_counter() - t_start:.0f} s; load average at start / end "
+               f"Wall time {time.perf_counter() - t_start:.0f} s ("
+               + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items())
+               + f"); load average at start / end "
                f"{load_start} / {load_average()} on {os.cpu_count()} CPUs (a shared machine "
                "slows every timing; they are single runs)."]
     text = "\n".join(report)
