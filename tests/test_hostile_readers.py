@@ -449,6 +449,15 @@ def test_small_members_are_bounded_before_inflating(tmp_path):
     assert time.perf_counter() - t0 < 5
 
 
+def test_multi_disk_end_record_is_one_line(tmp_path):
+    """zipfile.is_zipfile itself raises on this one."""
+    src = write_llama2c_pt(tmp_path / "ckpt.pt")
+    data = bytearray(src.read_bytes())
+    struct.pack_into("<H", data, data.rfind(b"PK\x05\x06") + 4, 1)   # "number of this disk"
+    src.write_bytes(bytes(data))
+    convert_fails(src, tmp_path, mentions=("damaged zip",))
+
+
 def storage_data_offset(data: bytes, name: str) -> int:
     c = central_entry(data, name)
     local = struct.unpack_from("<I", data, c + 42)[0]
@@ -545,6 +554,12 @@ def test_build_cannot_change_the_allow_list(tmp_path):
 def test_bytearray_is_not_allowed(tmp_path):
     evil = b"\x80\x02c__builtin__\nbytearray\nJ\x00\x00\x00\xc0\x85R."   # bytearray(3 << 30)
     with pytest.raises(LlamanpError, match="references builtins.bytearray"):
+        torchfile.load(raw_pickle_archive(tmp_path / "evil.pt", evil))
+
+
+def test_bytearray8_opcode_is_refused_before_it_allocates(tmp_path):
+    evil = b"\x80\x05\x96" + struct.pack("<Q", 1 << 40) + b"."   # BYTEARRAY8 of 1 TiB
+    with pytest.raises(LlamanpError, match="opcode BYTEARRAY8"):
         torchfile.load(raw_pickle_archive(tmp_path / "evil.pt", evil))
 
 

@@ -11,7 +11,6 @@ stores them, and hands everything to the writer.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,10 +51,11 @@ def detect_format(src: Path) -> str:
         head = f.read(8)
     if head[:4] == b"GGUF":
         return "gguf"
-    if src.suffix == ".safetensors" or (zipfile.is_zipfile(src)
+    from .torchfile import is_zip
+    if src.suffix == ".safetensors" or (is_zip(src)
                                         and (src.parent / "config.json").exists()):
         return "hf"
-    if zipfile.is_zipfile(src):
+    if is_zip(src):
         return "torch"
     from . import llama2c
     if llama2c.is_llama2c_bin(src):

@@ -631,9 +631,6 @@ class _TensorUnpickler(pickle._Unpickler):
         return self._archive.storage(key, storage_type.dtype, numel)
 
     # -- bounded opcodes (installed in _DISPATCH below) ----------------------------------
-    def _refuse(self):
-        raise _Malformed("it builds objects with INST, OBJ or NEWOBJ, which a "
-                         "checkpoint of tensors never needs")
 
     def _build(self):
         """BUILD only as Module.state_dict() needs it: attributes (its _metadata) on an
@@ -693,12 +690,22 @@ def _short_text(handler):
     return run
 
 
+def _refused(opcode: str):
+    def refuse(self):
+        raise _Malformed(f"its data.pkl uses the pickle opcode {opcode}, which a "
+                         "checkpoint of tensors never needs")
+    return refuse
+
+
 def _dispatch() -> dict:
     """pickle's opcode table with the bounded handlers, every opcode counted."""
     U, T = pickle._Unpickler, _TensorUnpickler
     table = dict(U.dispatch)
-    for op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
-        table[op[0]] = T._refuse
+    # objects built from classes, and protocol 5's buffers (BYTEARRAY8 allocates
+    # whatever length it names before reading a byte)
+    for name in ("INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER",
+                 "READONLY_BUFFER"):
+        table[getattr(pickle, name)[0]] = _refused(name)
     table[pickle.BUILD[0]] = T._build
     table[pickle.GLOBAL[0]] = T._global
     table[pickle.SETITEM[0]] = T._setitem
@@ -741,6 +748,15 @@ def _refuse_non_zip(path: str) -> None:
                        "by torch.save)")
 
 
+def is_zip(path) -> bool:
+    """Does the file end like a zip archive? (zipfile.is_zipfile, except that an end
+    record it cannot use, such as a multi-disk one, counts as a damaged zip.)"""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError, struct.error, OverflowError):
+        return True
+
+
 def load(path) -> object:
     """Unpickle a torch.save file; tensors come back as :class:`TorchTensor`.
 
@@ -752,7 +768,7 @@ def load(path) -> object:
     if not os.path.lexists(path):
         raise LlamanpError(f"{path}: no such file")
     inputfile.require_regular(path)            # a FIFO would block zipfile for ever
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         _refuse_non_zip(path)
     archive = _Archive(path)
     try:
