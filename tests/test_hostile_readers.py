@@ -453,7 +453,7 @@ def test_multi_disk_end_record_is_one_line(tmp_path):
     """zipfile.is_zipfile itself raises on this one."""
     src = write_llama2c_pt(tmp_path / "ckpt.pt")
     data = bytearray(src.read_bytes())
-    struct.pack_into("<H", data, data.rfind(b"PK\x05\x06") + 4, 1)   # "number of this disk"
+    struct.pack_into("<I", data, data.rfind(b"PK\x06\x07") + 16, 2)   # zip64 "total disks"
     src.write_bytes(bytes(data))
     convert_fails(src, tmp_path, mentions=("damaged zip",))
 
