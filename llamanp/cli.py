@@ -16,42 +16,55 @@ from typing import Optional
 
 import numpy as np
 
+from . import __version__
 from .beam import Beam, beam_score, beam_search, check_beam_args
-from .cliutil import ArgumentParser, run_main
+from .cliutil import ArgumentParser, prog_name, run_main
 from .console import add_chat_arguments, run_chat_from_args
 from .errors import LlamanpError
-from .generate import Generation, GenerationStats, TokenLogprobs, check_stop_strings
+from .generate import STOP_REASONS, Generation, GenerationStats, TokenLogprobs, check_stop_strings
 from .kvcache import STRATEGIES, check_spec
 from .model import Model, load
 from .sampling import Sampler, SamplingStep, check_sampling, softmax
 from .tokenizer import Tokenizer, load_tokenizer
 
-DEFAULT_N_TOKENS = 256   # -n when completing text (a chat answer runs to its end of turn)
+DEFAULT_N_TOKENS = 256   # -n, when completing text and per chat answer
+MAX_STDIN_PROMPT = 16 << 20   # bytes of prompt read from stdin at most
 YOU_PICK_CHOICES = 10     # candidates shown by --you-pick
 HISTORY_CANDIDATES = 10   # candidates recorded per step by --sampler-history
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="llama-np.py",
-                       description="Generate text with a Llama-family model (.lmw) in NumPy.")
-    p.add_argument("-w", "--weights", required=True, metavar="MODEL.lmw",
-                   help="model file written by convert.py")
+def build_parser(prog: Optional[str] = None) -> ArgumentParser:
+    """The command line; llama.cpp's spellings of the common flags are aliases."""
+    p = ArgumentParser(prog=prog or prog_name("llama-np.py"),
+                       description="Generate text with a Llama-family model in NumPy. -w takes "
+                                   "an .lmw file, any checkpoint convert.py reads (converted "
+                                   "once into the model cache) or a known model's name.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-w", "--weights", "-m", "--model", dest="weights", required=True,
+                   metavar="MODEL",
+                   help="an .lmw file; a checkpoint (GGUF, Hugging Face or Meta directory, "
+                        "llama2.c .pt/.bin), converted into the model cache on first use; "
+                        "or a known model's name (smollm2)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("-i", "--prompt", help="the prompt text")
-    src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE")
+    src.add_argument("-i", "-p", "--prompt", dest="prompt", help="the prompt text")
+    src.add_argument("-f", "--file", metavar="FILE",
+                     help="read the prompt from FILE (- = stdin; piped input with neither "
+                          "-i nor -f is read as the prompt too)")
     p.add_argument("-t", "--tokenizer", metavar="PATH",
                    help="tokenizer file (SentencePiece .model, tiktoken, llama2.c tokenizer.bin); "
                         "overrides the one embedded in the model")
-    p.add_argument("-n", "--n-tokens", type=int, default=None, metavar="N",
-                   help="generate at most N tokens (default 256)")
-    p.add_argument("--seqlength", type=int, metavar="L",
+    p.add_argument("-n", "--n-tokens", "--n-predict", dest="n_tokens", type=int, default=None,
+                   metavar="N", help=f"generate at most N tokens, in a chat per answer "
+                                     f"(default {DEFAULT_N_TOKENS}); -1 = until the end of "
+                                     "text or of the context")
+    p.add_argument("--seqlength", "-c", "--ctx-size", dest="seqlength", type=int, metavar="L",
                    help="context length for this run (default: the model's max_seq_len)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temp", type=float, default=0.8,
                    help="temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--topk", type=int, default=40, help="keep the K most likely tokens; 0 = off "
-                   "(default 40)")
-    g.add_argument("--topp", type=float, default=0.95,
+    g.add_argument("--topk", "--top-k", dest="topk", type=int, default=40,
+                   help="keep the K most likely tokens; 0 = off (default 40)")
+    g.add_argument("--topp", "--top-p", dest="topp", type=float, default=0.95,
                    help="nucleus sampling: keep the most likely tokens up to this mass; "
                         "1 = off (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.0, metavar="P",
@@ -73,7 +86,8 @@ def build_parser() -> ArgumentParser:
                    help="Mirostat's target surprise in bits (default 5)")
     g.add_argument("--mirostat-eta", type=float, default=0.1, metavar="ETA",
                    help="Mirostat's learning rate (default 0.1)")
-    g.add_argument("--seed", type=int, help="random seed (default: random; printed in stats)")
+    g.add_argument("--seed", type=int, help="random seed (default, or -1: random; the summary "
+                                            "prints the seed used)")
     st = p.add_argument_group("stopping")
     st.add_argument("--stop", action="append", default=[], metavar="STR",
                     help="stop when the output contains STR (not printed); repeatable")
@@ -93,7 +107,7 @@ def build_parser() -> ArgumentParser:
                            "(JSON lines)")
     look.add_argument("--logprobs", type=int, default=0, metavar="N",
                       help="report each token's log-probability and the N most likely "
-                           "alternatives (stderr and --stats-json)")
+                           "alternatives (stderr, --stats-json and --json)")
     r = p.add_argument_group("how to run it (all give the same numbers)")
     r.add_argument("--kvcache", default=None, metavar="SPEC",
                    help="KV cache strategy, NAME or NAME:key=value,...: "
@@ -116,6 +130,17 @@ def build_parser() -> ArgumentParser:
                     help="window length in tokens (default: the context, at most 512)")
     pp.add_argument("--stride", type=int, metavar="S", help="move the window by S tokens; "
                     "each window scores only the tokens new to it (default ctx/2)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help="print one JSON object on stdout instead of the text: the prompt, "
+                          "the generated text and ids, the stop reason, the statistics "
+                          "(and the logprobs with --logprobs N)")
+    out.add_argument("--color", nargs="?", const="auto", default="never",
+                     choices=("auto", "always", "never"),
+                     help="show the generated text in colour, apart from the prompt: "
+                          "--color on a terminal only, --color=always everywhere")
+    out.add_argument("--no-display-prompt", action="store_true",
+                     help="print only the generated text, not the prompt before it")
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE "
                    "(with --chat: one JSON line per turn)")
     add_chat_arguments(p)
@@ -136,7 +161,13 @@ def kvcache_choice(args) -> str:
 
 
 def read_prompt(args) -> str:
-    if args.file is not None:
+    """The prompt: -i TEXT, -f FILE, -f - (stdin), or piped stdin when neither is given."""
+    if args.file == "-" or (args.file is None and args.prompt is None):
+        text = read_stdin_prompt()
+        if text == "" and args.file is None:
+            raise LlamanpError("no prompt: stdin was empty; give one with -i TEXT or -f FILE, "
+                               "or talk with --chat")
+    elif args.file is not None:
         try:
             text = Path(args.file).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -155,12 +186,34 @@ def read_prompt(args) -> str:
     return text
 
 
+def prompt_on_stdin(args) -> bool:
+    """Whether the prompt is to come from stdin: -f -, or neither -i nor -f with
+    something piped in (a terminal is never read as a prompt)."""
+    if args.file == "-":
+        return True
+    return args.file is None and args.prompt is None and not sys.stdin.isatty()
+
+
+def read_stdin_prompt() -> str:
+    """All of stdin as text, refusing more than MAX_STDIN_PROMPT bytes."""
+    data = sys.stdin.buffer.read(MAX_STDIN_PROMPT + 1)
+    if len(data) > MAX_STDIN_PROMPT:
+        raise LlamanpError(f"the prompt on stdin is larger than {MAX_STDIN_PROMPT >> 20} MiB; "
+                           "no context holds that much")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LlamanpError(f"the prompt on stdin is not valid UTF-8 text (byte "
+                           f"{data[e.start]:#04x} at offset {e.start})") from None
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def open_model(args) -> Model:
-    model = load(args.weights, tokenizer=load_tokenizer(args.tokenizer)
+    from .modelcache import resolve
+    model = load(resolve(args.weights), tokenizer=load_tokenizer(args.tokenizer)
                  if args.tokenizer else None)
     if model.tokenizer is None:
         raise LlamanpError(f"{args.weights} has no embedded tokenizer; pass -t TOKENIZER "
@@ -188,11 +241,19 @@ def summary(stats: GenerationStats, kvcache: str, fill1: bool, seed: int) -> dic
 
 def check_args(args) -> None:
     """Refuse bad values before the model is even opened."""
+    tok = args.tokenizer
+    if tok is not None and tok.isdigit() and not Path(tok).exists():
+        raise LlamanpError(f"-t is the tokenizer file here, and there is no file {tok}; "
+                           f"did you mean --threads {tok}?")
+    if args.seed is not None and args.seed < -1:
+        raise LlamanpError(f"--seed must be >= 0, or -1 for a random one; got {args.seed}")
     check_sampling(args.temp, args.topk, args.topp, args.min_p, args.repeat_penalty,
                    args.frequency_penalty, args.presence_penalty, args.repeat_last_n,
                    args.mirostat, args.mirostat_tau, args.mirostat_eta)
-    if args.n_tokens is not None and args.n_tokens < (1 if args.chat else 0):
-        raise LlamanpError(f"-n must be >= {1 if args.chat else 0}, got {args.n_tokens}")
+    if args.n_tokens is not None and args.n_tokens != -1 and args.n_tokens < (
+            1 if args.chat else 0):
+        raise LlamanpError(f"-n must be >= {1 if args.chat else 0}, or -1 for no limit; got "
+                           f"{args.n_tokens}")
     check_stop_strings(args.stop)
     if args.max_time is not None and not (math.isfinite(args.max_time) and args.max_time > 0):
         raise LlamanpError(f"--max-time must be a number of seconds > 0, got {args.max_time}")
@@ -214,17 +275,26 @@ def main(argv: Optional[list] = None) -> int:
     kvcache = kvcache_choice(args)
     check_args(args)
     apply_threads(args.threads)
+    if args.seed is None or args.seed == -1:
+        args.seed = random.randrange(2**31)
     if args.perplexity is not None or args.ctx is not None or args.stride is not None:
         return run_perplexity(args)
     if args.chat:
         refuse_with_chat(args)
+        message = read_prompt(args) if args.prompt is not None or args.file else None
         model = open_model(args)
         check_seqlength(args, model)
-        seed = args.seed if args.seed is not None else random.randrange(2**31)
-        return run_chat_from_args(model, args, lambda: make_sampler(args, seed),
-                                  kvcache=kvcache, max_new_tokens=args.n_tokens)
-    if args.prompt is None and args.file is None:
-        raise LlamanpError("give a prompt with -i TEXT or -f FILE, or talk with --chat")
+        n = DEFAULT_N_TOKENS if args.n_tokens is None else args.n_tokens
+        return run_chat_from_args(model, args, lambda: make_sampler(args, args.seed),
+                                  kvcache=kvcache, max_new_tokens=None if n == -1 else n,
+                                  message=message)
+    if not prompt_on_stdin(args) and args.prompt is None and args.file is None:
+        raise LlamanpError("give a prompt with -i TEXT, -f FILE or on stdin, or talk with "
+                           "--chat")
+    refuse_with_json(args)
+    if args.you_pick and prompt_on_stdin(args):
+        raise LlamanpError("--you-pick reads your choices from stdin; give the prompt with "
+                           "-i TEXT or -f FILE")
     if args.n_tokens is None:
         args.n_tokens = DEFAULT_N_TOKENS
     if args.batch:
@@ -233,14 +303,23 @@ def main(argv: Optional[list] = None) -> int:
     model = open_model(args)
     check_seqlength(args, model)
 
-    tok = model.tokenizer
-    ids = tok.encode(prompt, bos=tok.bos_id is not None)
+    ids = model.tokenizer.encode(prompt, bos=True)   # BOS where the model has one
     if args.beams is not None:
         stats = run_beams(args, model, prompt, ids, kvcache)
     else:
         stats = run_sampling(args, model, prompt, ids, kvcache)
     write_stats(args, stats)
-    return 0
+    return 130 if stats["stop_reason"] == "interrupted" else 0
+
+
+def context_length(args, model: Model) -> int:
+    return args.seqlength if args.seqlength is not None else model.config.max_seq_len
+
+
+def refuse_with_json(args) -> None:
+    """--json prints one completion's object: not for modes that print something else."""
+    if args.json:
+        refuse_flags(args, ("batch", "you_pick"), "--json cannot be combined with {flag}")
 
 
 def write_stats(args, stats: dict) -> None:
@@ -270,11 +349,8 @@ def check_seqlength(args, model: Model) -> None:
 
 def refuse_with_chat(args) -> None:
     """Flags that make no sense in an interactive conversation."""
-    if args.prompt is not None or args.file is not None:
-        raise LlamanpError("--chat reads its messages from the console; drop -i / -f "
-                           "(pipe messages into stdin to script it)")
     refuse_flags(args, ("beams", "you_pick", "logprobs", "max_time", "sampler_history", "stop",
-                        "fill1"), "{flag} cannot be used with --chat")
+                        "fill1", "json", "no_display_prompt"), "{flag} cannot be used with --chat")
 
 
 def refuse_flags(args, names, message: str) -> None:
@@ -293,7 +369,7 @@ def run_perplexity(args) -> int:
     from .perplexity import perplexity, read_text, report_stats, report_text, window_args
     if args.perplexity is None:
         raise LlamanpError("--ctx and --stride only apply to --perplexity FILE")
-    refuse_flags(args, ("prompt", "file", "chat", "batch", "beams"),
+    refuse_flags(args, ("prompt", "file", "chat", "batch", "beams", "json"),
                  "--perplexity cannot be combined with {flag}")
     text = read_text(args.perplexity)
     model = open_model(args)
@@ -301,7 +377,7 @@ def run_perplexity(args) -> int:
     limit, where = ((args.seqlength, "--seqlength") if args.seqlength is not None
                     else (model.config.max_seq_len, "the model's max_seq_len"))
     ctx, stride = window_args(args.ctx, args.stride, limit, where)
-    ids = model.tokenizer.encode(text, bos=model.tokenizer.bos_id is not None)
+    ids = model.tokenizer.encode(text, bos=True)
     result = perplexity(model, ids, ctx, stride)
     sys.stdout.write(report_text(result, len(ids), ctx, stride))
     write_stats(args, {**report_stats(result, args.perplexity, len(ids), ctx, stride),
@@ -323,10 +399,11 @@ def run_batch(args, kvcache: str) -> int:
     model = open_model(args)
     check_seqlength(args, model)
     tok = model.tokenizer
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seed = args.seed
+    n = context_length(args, model) if args.n_tokens == -1 else args.n_tokens
     from .batch import generate_batch
     results = generate_batch(
-        model, [tok.encode(p, bos=tok.bos_id is not None) for p in prompts], args.n_tokens,
+        model, [tok.encode(p, bos=True) for p in prompts], n,
         kvcache=kvcache, max_seq_len=args.seqlength, seed=seed, temperature=args.temp,
         top_k=args.topk, top_p=args.topp, min_p=args.min_p,
         repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
@@ -364,48 +441,98 @@ def make_sampler(args, seed: int) -> Sampler:
 
 
 def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
-    """Sample, streaming the text to stdout; returns the statistics."""
+    """Sample, streaming the text to stdout; returns the statistics. Ctrl-C ends
+    generation where it is (stop reason "interrupted"), the rest goes on."""
     tok = model.tokenizer
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
-    sampler = make_sampler(args, seed)
+    sampler = make_sampler(args, args.seed)
     chooser = Chooser(tok, prompt, YouPick(tok, sys.stdin, sys.stderr)
                       if args.you_pick else None)
-    gen = Generation(model, ids, args.n_tokens, sampler, kvcache=kvcache, fill1=args.fill1,
-                     max_seq_len=args.seqlength, stop=args.stop, max_time=args.max_time,
-                     logprobs=args.logprobs,
+    gen = Generation(model, ids, None if args.n_tokens == -1 else args.n_tokens, sampler,
+                     kvcache=kvcache, fill1=args.fill1, max_seq_len=args.seqlength,
+                     stop=args.stop, max_time=args.max_time, logprobs=args.logprobs,
                      choose=chooser if (args.you_pick or args.sampler_history) else None)
     chooser.generation = gen
     # opened last, so that a refused run leaves no file behind
     history = chooser.history = open_history(args.sampler_history)
 
-    out = sys.stdout
-    out.write(prompt)
-    out.flush()
+    out = TextOut(sys.stdout, args)
+    out.prompt(prompt)
     shown = 0   # gen.text is final as it grows: print what is new
     try:
         for _ in gen:
-            out.write(gen.text[shown:])
-            out.flush()
-            shown = len(gen.text)
+            new, shown = gen.text[shown:], len(gen.text)   # counted as shown before it
+            out.generated(new)                             # is, so Ctrl-C cannot repeat it
+    except KeyboardInterrupt:
+        gen.interrupt()
     finally:
         if history is not None:
             history.close()
-    out.write(gen.text[shown:] + "\n")
-    out.flush()
+    out.generated(gen.text[shown:])
+    out.end()
 
-    stats = summary(gen.stats, kvcache, args.fill1, seed)
+    stats = summary(gen.stats, kvcache, args.fill1, args.seed)
     if gen.stats.stop_string is not None:
         stats["stop_string"] = gen.stats.stop_string
     if args.logprobs:
         print_logprobs(tok, gen.logprobs, sys.stderr)
         stats["logprobs"] = [logprobs_json(tok, lp) for lp in gen.logprobs]
-    print(f"[prompt {stats['prompt_tokens']} tokens ({stats['prompt_tokens_computed']} computed)"
-          f" | generated {stats['generated_tokens']}"
+    print(f"[{stopped(stats['stop_reason'])} | prompt {stats['prompt_tokens']} tokens "
+          f"({stats['prompt_tokens_computed']} computed) | generated {stats['generated_tokens']}"
           f" | prefill {stats['prefill_tokens_per_second']:.1f} tok/s"
           f" | decode {stats['decode_tokens_per_second']:.1f} tok/s"
           f" | peak RSS {stats['peak_rss_mb']:.0f} MB | kvcache {kvcache}"
-          f"{' fill1' if args.fill1 else ''} | seed {seed}]", file=sys.stderr)
+          f"{' fill1' if args.fill1 else ''} | seed {args.seed}]", file=sys.stderr)
+    if args.json:
+        print_json(prompt, ids, gen.text, gen.ids, stats)
     return stats
+
+
+def stopped(reason: str) -> str:
+    """The summary's first words: why generation ended."""
+    return f"stopped: {STOP_REASONS.get(reason, reason)}"
+
+
+def print_json(prompt: str, prompt_ids: list, text: str, ids: list, stats: dict) -> None:
+    """--json: the run as one JSON object on stdout."""
+    doc = {"prompt": prompt, "prompt_ids": list(prompt_ids), "text": text, "ids": list(ids),
+           "stop_reason": stats["stop_reason"],
+           "stats": {k: v for k, v in stats.items() if k not in ("logprobs", "hypotheses")}}
+    for extra in ("logprobs", "hypotheses"):
+        if extra in stats:
+            doc[extra] = stats[extra]
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+class TextOut:
+    """Where a completion is shown: the prompt (unless --no-display-prompt), then
+    the generated text as it grows, in colour with --color; nothing with --json."""
+
+    COLOR, RESET = "\x1b[32m", "\x1b[0m"   # generated text in green
+
+    def __init__(self, stream, args):
+        self.stream = stream
+        self.quiet = args.json
+        self.show_prompt = not args.no_display_prompt
+        self.color = args.color == "always" or (args.color == "auto" and stream.isatty())
+        self.colored = False        # inside the generated text's colour
+
+    def prompt(self, text: str) -> None:
+        if self.show_prompt:
+            self._write(text)
+
+    def generated(self, text: str) -> None:
+        if text and self.color and not self.colored:
+            text, self.colored = self.COLOR + text, True
+        self._write(text)
+
+    def end(self) -> None:
+        self._write((self.RESET if self.colored else "") + "\n")
+
+    def _write(self, text: str) -> None:
+        if text and not self.quiet:
+            self.stream.write(text)
+            self.stream.flush()
 
 
 def token_text(tok: Tokenizer, id: int) -> str:
@@ -528,28 +655,35 @@ def run_beams(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
     tok = model.tokenizer
     stop_ids = frozenset(tok.stop_ids)
     t0 = time.perf_counter()
-    found = beam_search(model, ids, args.beams, args.n_tokens, args.length_penalty,
+    n = context_length(args, model) if args.n_tokens == -1 else args.n_tokens
+    found = beam_search(model, ids, args.beams, n, args.length_penalty,
                         stop_ids=stop_ids, kvcache=kvcache, max_seq_len=args.seqlength)
     seconds = time.perf_counter() - t0
     texts = [beam_text(tok, b, stop_ids, args.stop) for b in found]
-    sys.stdout.write(prompt + texts[0] + "\n")
-    sys.stdout.flush()
-    for n, (b, text) in enumerate(zip(found, texts), 1):
+    out = TextOut(sys.stdout, args)
+    out.prompt(prompt)
+    out.generated(texts[0])
+    out.end()
+    for k, (b, text) in enumerate(zip(found, texts), 1):
         score = beam_score(b.logprob, len(b.ids), args.length_penalty)
-        print(f"beam {n}: logprob {b.logprob:.3f} score {score:.3f} | {text!r}",
+        print(f"beam {k}: logprob {b.logprob:.3f} score {score:.3f} | {text!r}",
               file=sys.stderr)
     best = found[0]
-    ended = "eos" if best.ids and best.ids[-1] in stop_ids else "length"
-    print(f"[prompt {len(ids)} tokens | {args.beams} beams | generated "
+    ended = "eos" if best.ids and best.ids[-1] in stop_ids else (
+        "context" if len(ids) + len(best.ids) >= context_length(args, model) else "length")
+    print(f"[{stopped(ended)} | prompt {len(ids)} tokens | {args.beams} beams | generated "
           f"{len(beam_tokens(best, stop_ids))} | {seconds:.2f} s | peak RSS "
           f"{peak_rss_mb():.0f} MB | kvcache {kvcache}]", file=sys.stderr)
-    return {"prompt_tokens": len(ids), "generated_tokens": len(beam_tokens(best, stop_ids)),
-            "seconds": round(seconds, 6), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "stop_reason": ended, "kvcache": kvcache, "beams": args.beams,
-            "length_penalty": args.length_penalty,
-            "hypotheses": [{"ids": b.ids, "text": t, "logprob": b.logprob,
-                            "score": beam_score(b.logprob, len(b.ids), args.length_penalty)}
-                           for b, t in zip(found, texts)]}
+    stats = {"prompt_tokens": len(ids), "generated_tokens": len(beam_tokens(best, stop_ids)),
+             "seconds": round(seconds, 6), "peak_rss_mb": round(peak_rss_mb(), 1),
+             "stop_reason": ended, "kvcache": kvcache, "beams": args.beams,
+             "length_penalty": args.length_penalty,
+             "hypotheses": [{"ids": b.ids, "text": t, "logprob": b.logprob,
+                             "score": beam_score(b.logprob, len(b.ids), args.length_penalty)}
+                            for b, t in zip(found, texts)]}
+    if args.json:
+        print_json(prompt, ids, texts[0], beam_tokens(best, stop_ids), stats)
+    return stats
 
 
 def beam_tokens(beam: Beam, stop_ids) -> list:

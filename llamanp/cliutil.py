@@ -10,6 +10,16 @@ from typing import Callable, Optional
 from .errors import LlamanpError
 
 
+def prog_name(script: str) -> str:
+    """The program's name as the user typed it: the console script's (llama-np),
+    the script's (llama-np.py), `python -m PACKAGE`; else `script`."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    if name == "__main__.py":
+        return f"python -m {os.path.basename(os.path.dirname(argv0))}"
+    return name if name and name != "-c" else script
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr, exit status 2."""
 

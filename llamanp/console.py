@@ -1,13 +1,19 @@
 """The interactive chat console: a conversation whose KV cache lives on.
 
-    python -m llamanp.console -w MODEL.lmw [--system TEXT] [--chat-template NAME]
-                              [--context-policy stop|drop-oldest] [-n N] [--temp T] ...
+    llama-np.py -w MODEL.lmw --chat [--system TEXT] [--chat-template NAME]
+                                    [--context-policy stop|drop-oldest] [-n N] [--temp T] ...
+
+(llamanp/cli.py builds the command line and calls run_chat_from_args; this
+module does not know the command line beyond the chat options it adds.)
 
 Type a message and the answer streams back. On a terminal, lines can be edited
 and recalled (readline); Ctrl-C stops the answer being written (not the
 program) and Ctrl-D leaves. With piped input every line is one user message and
 the answers are printed one after the other, for scripting; notices then go to
-stderr, so stdout holds the answers only.
+stderr, so stdout holds the answers only, and a message that cannot be answered
+(it does not fit in the context) ends the run with exit status 1. `--chat -i
+TEXT` answers the one message TEXT and exits. Each answer is at most -n tokens
+(256 unless told; -n -1 lifts the cap).
 
 Commands (a message that itself starts with "/" is typed with "//"):
 
@@ -70,7 +76,6 @@ from typing import Callable, Optional
 
 from . import inputfile
 from .chat import TEMPLATE_NAMES, ChatTemplate, check_messages, choose_template
-from .cliutil import run_main
 from .errors import LlamanpError
 
 CONTEXT_POLICIES = ("stop", "drop-oldest")
@@ -396,6 +401,7 @@ class Console:
         self.input, self.out = input, output
         self.stats_file = stats_file
         self.max_new_tokens = max_new_tokens
+        self.status = 0         # the exit status: 1 once a message could not be answered
         isatty = getattr(input, "isatty", None)
         self.interactive = bool(isatty and isatty())
         # Notices go with the conversation on a terminal, apart from it in a pipe.
@@ -430,7 +436,12 @@ class Console:
         if self.interactive and line is None:
             self.out.write("\n")            # leave the shell's prompt on a new line
             self.out.flush()
-        return 0
+        return self.status
+
+    def answer_one(self, text: str) -> int:
+        """`--chat -i TEXT`: answer one message; the exit status."""
+        self.turn(text)
+        return self.status
 
     def read(self) -> Optional[str]:
         """The next line typed (without its newline), or None at the end of input."""
@@ -461,8 +472,9 @@ class Console:
             return True
         if line.startswith("/") and not line.startswith("//"):
             return self.command(line)
-        self.turn(line[1:] if line.startswith("//") else line)
-        return True
+        answered = self.turn(line[1:] if line.startswith("//") else line)
+        # a script cannot read the error and /reset: its run ends, and says it failed
+        return answered or self.interactive
 
     def command(self, line: str) -> bool:
         name, _, arg = line[1:].partition(" ")
@@ -502,7 +514,8 @@ class Console:
                       "with // to send a leading /)")
         return True
 
-    def turn(self, text: str) -> None:
+    def turn(self, text: str) -> bool:
+        """Answer `text`; False (and exit status 1) if it could not be answered."""
         stream = self.chat.tokenizer.stream(at_start=True)
         out = self.out
 
@@ -516,7 +529,8 @@ class Console:
             st = self.chat.respond(text, self.sampler, show, self.max_new_tokens)
         except LlamanpError as e:
             self.note(f"error: {e}")
-            return
+            self.status = 1
+            return False
         if st.generated_tokens or st.stop_reason != "interrupted":
             out.write(stream.flush() + "\n")
             out.flush()
@@ -534,6 +548,7 @@ class Console:
                           kvcache=self.chat.session.cache.strategy)
             self.stats_file.write(json.dumps(record) + "\n")
             self.stats_file.flush()
+        return True
 
     def stats_text(self) -> str:
         c = self.chat
@@ -548,8 +563,11 @@ def run_chat(model, sampler_factory: Callable, system: Optional[str] = None,
              template: Optional[str] = None, kvcache: str = "inplace",
              max_seq_len: Optional[int] = None, stats_json=None, input=None, output=None,
              *, context_policy: str = DEFAULT_CONTEXT_POLICY,
-             max_new_tokens: Optional[int] = None) -> int:
-    """Run the chat console until the input ends or /quit; returns the exit status.
+             max_new_tokens: Optional[int] = None, message: Optional[str] = None) -> int:
+    """Run the chat console until the input ends or /quit; returns the exit status
+    (1 if a message could not be answered without a person there to /reset).
+
+    With `message`, answer just that message and return.
 
     `sampler_factory()` makes the sampler (a llamanp.sampling.Sampler, or any
     callable (logits, history) -> id); it is called at the start and again at
@@ -572,7 +590,8 @@ def run_chat(model, sampler_factory: Callable, system: Optional[str] = None,
         except OSError as e:
             raise LlamanpError(f"cannot write {stats_json}: {e.strerror}") from None
     try:
-        return Console(chat, sampler_factory, input, output, stats_file, max_new_tokens).run()
+        console = Console(chat, sampler_factory, input, output, stats_file, max_new_tokens)
+        return console.run() if message is None else console.answer_one(message)
     finally:
         if stats_file is not None:
             stats_file.close()
@@ -598,20 +617,12 @@ def add_chat_arguments(parser) -> None:
 
 
 def run_chat_from_args(model, args, sampler_factory: Callable, kvcache: str = "inplace",
-                       max_new_tokens: Optional[int] = None) -> int:
+                       max_new_tokens: Optional[int] = None,
+                       message: Optional[str] = None) -> int:
     """run_chat with the options add_chat_arguments added (and args.seqlength,
-    args.stats_json when the parser has them)."""
+    args.stats_json when the parser has them); `message` answers one message."""
     return run_chat(model, sampler_factory, system=args.system, template=args.chat_template,
                     kvcache=kvcache, max_seq_len=getattr(args, "seqlength", None),
                     stats_json=getattr(args, "stats_json", None),
-                    context_policy=args.context_policy, max_new_tokens=max_new_tokens)
-
-
-def main(argv: Optional[list] = None) -> int:
-    """`python -m llamanp.console ARGS` is `llama-np.py --chat ARGS`."""
-    from .cli import main as cli_main
-    return cli_main(["--chat", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main))
+                    context_policy=args.context_policy, max_new_tokens=max_new_tokens,
+                    message=message)

@@ -2,7 +2,9 @@
 
 Generation ends at the first of: an end-of-sequence id (the stop token is not
 yielded), a stop string in the decoded text, the token budget, the time
-budget, a full context, or a `choose` hook that says stop.
+budget, a full context, a `choose` hook that says stop, or an interrupt
+(Ctrl-C, see Generation.interrupt). `stats.stop_reason` says which, in the
+words of STOP_REASONS.
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ from .model import Model
 from .sampling import Sampler, SamplingStep, descending, log_softmax
 from .tokenizer import StreamDecoder
 
+# why generation ended: stats.stop_reason -> what a summary line says
+STOP_REASONS = {
+    "eos": "end of text",
+    "stop": "stop string",
+    "length": "-n reached",
+    "context": "context full",
+    "time": "time limit",
+    "user": "stopped by the user",
+    "interrupted": "interrupted",
+}
+
 
 @dataclass
 class GenerationStats:
@@ -30,7 +43,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     # "eos", "length" (max tokens), "context" (full), "stop" (a stop string),
-    # "time" (max_time) or "user" (the choose hook stopped it)
+    # "time" (max_time), "user" (the choose hook stopped it) or "interrupted"
     stop_reason: str = ""
     stop_string: Optional[str] = None  # the stop string found, when stop_reason == "stop"
 
@@ -124,22 +137,29 @@ class Generation:
     continuation's text so far, and final: with stop strings it never holds
     a stop string or anything after one (the token that completed the stop
     string is still yielded, since part of it may come before the string).
-    With `logprobs=N`, `.logprobs[i]` is the TokenLogprobs of the i-th yielded
-    token. `choose(step)` may replace the sampler's pick (`step.token`) by
-    returning another id, or stop generation by returning None.
+    `.ids` lists the ids yielded so far. With `logprobs=N`, `.logprobs[i]` is the
+    TokenLogprobs of the i-th yielded token. `choose(step)` may replace the
+    sampler's pick (`step.token`) by returning another id, or stop generation
+    by returning None.
+    `max_new_tokens=None` sets no limit: it runs to a stop or a full context.
+    `prompt_ids` may also be text, encoded with the model's tokenizer (see
+    prompt_token_ids); `.prompt_ids` holds the ids.
     """
 
-    def __init__(self, model: Model, prompt_ids, max_new_tokens: int, sampler: Sampler,
+    def __init__(self, model: Model, prompt_ids, max_new_tokens: Optional[int],
+                 sampler: Sampler,
                  kvcache: str = "inplace", fill1: bool = False,
                  stop_ids: Optional[Iterable[int]] = None, max_seq_len: Optional[int] = None,
                  *, stop=(), max_time: Optional[float] = None, logprobs: int = 0,
                  choose: Optional[Callable[[SamplingStep], Optional[int]]] = None):
-        prompt_ids = [int(i) for i in prompt_ids]
+        prompt_ids = prompt_token_ids(model, prompt_ids)
         if not prompt_ids:
             raise LlamanpError("the prompt is empty; give at least one token")
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-            raise LlamanpError(f"the number of tokens to generate must be >= 0, "
-                               f"got {max_new_tokens}")
+        if not (max_new_tokens is None or (isinstance(max_new_tokens, int)
+                                           and not isinstance(max_new_tokens, bool)
+                                           and max_new_tokens >= 0)):
+            raise LlamanpError(f"the number of tokens to generate must be >= 0 (or None: "
+                               f"no limit), got {max_new_tokens!r}")
         if max_time is not None and not (isinstance(max_time, (int, float))
                                          and math.isfinite(max_time) and max_time > 0):
             raise LlamanpError(f"max time must be a number of seconds > 0, got {max_time}")
@@ -164,7 +184,9 @@ class Generation:
         self.sampler, self.fill1, self.choose = sampler, fill1, choose
         self.max_time, self.n_logprobs = max_time, logprobs
         self.text = ""
+        self.ids: list[int] = []       # the ids yielded so far
         self.logprobs: list[TokenLogprobs] = []
+        self._tokenizer = tok
         self._text = StopStringFilter(tok.stream(at_start=False), stop) if tok else None
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self._steps = self._run()
@@ -174,6 +196,24 @@ class Generation:
 
     def __next__(self) -> int:
         return next(self._steps)
+
+    def interrupt(self) -> None:
+        """End generation here (after a KeyboardInterrupt, say): stop_reason
+        becomes "interrupted", and `.ids`, `.logprobs`, the token count and
+        `.text` agree again, wherever the interrupt cut the bookkeeping short.
+        The text is decoded again from the ids; what was released before is a
+        prefix of it."""
+        self._steps.close()
+        st, n = self.stats, len(self.ids)
+        if self.n_logprobs:
+            n = min(n, len(self.logprobs))
+        del self.ids[n:], self.logprobs[n:]
+        st.generated_tokens = n
+        if self._text is not None:
+            f = self._text
+            self._text = StopStringFilter(self._tokenizer.stream(at_start=False), f.stops)
+            self.text = "".join(self._text.push(t) for t in self.ids) + self._text.flush()
+        st.stop_reason, st.stop_string = "interrupted", None
 
     def _run(self):
         try:
@@ -201,15 +241,16 @@ class Generation:
             if token in self.stop_ids:
                 st.stop_reason = "eos"
                 return
-            st.generated_tokens += 1
             if self.n_logprobs:
                 self.logprobs.append(token_logprobs(logits, token, self.n_logprobs))
+            self.ids.append(token)
+            st.generated_tokens += 1
             self._add_text(token)
             yield token
             if self._text is not None and self._text.found is not None:
                 st.stop_reason, st.stop_string = "stop", self._text.found
                 return
-            if st.generated_tokens >= self.max_new_tokens:
+            if self.max_new_tokens is not None and st.generated_tokens >= self.max_new_tokens:
                 st.stop_reason = "length"
                 return
             if self.max_time is not None and time.perf_counter() - t0 >= self.max_time:
@@ -245,7 +286,23 @@ class Generation:
                 self.stats.stop_reason, self.stats.stop_string = "stop", f.found
 
 
-def generate(model: Model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
+def prompt_token_ids(model: Model, prompt) -> list[int]:
+    """The prompt as token ids: ids are taken as they are; text is encoded with
+    the model's tokenizer, beginning with its BOS token if it has one (as
+    llama-np.py, transformers and llama.cpp do)."""
+    if isinstance(prompt, str):
+        if model.tokenizer is None:
+            raise LlamanpError("a text prompt needs a tokenizer; load the model with one "
+                               "(llamanp.load(path, tokenizer=...)) or pass token ids")
+        return model.tokenizer.encode(prompt, bos=True)
+    try:
+        return [int(i) for i in prompt]
+    except (TypeError, ValueError):
+        raise LlamanpError("the prompt must be text or a list of token ids") from None
+
+
+def generate(model: Model, prompt_ids, max_new_tokens: Optional[int],
+             temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
              presence_penalty: float = 0.0, repeat_last_n: int = 64, mirostat: int = 0,
@@ -254,6 +311,9 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, temperature: float =
              max_time: Optional[float] = None, kvcache: str = "inplace", fill1: bool = False,
              max_seq_len: Optional[int] = None, logprobs: int = 0) -> Generation:
     """Generate up to `max_new_tokens` ids after `prompt_ids` (an iterator).
+
+    `prompt_ids` is a list of ids, or text (encoded by the model's tokenizer,
+    with its BOS token if it has one). `max_new_tokens=None`: no limit.
 
     Sampling is described in llamanp.sampling (temperature 0 = greedy). Stops
     early at any of `stop_ids` (default: the tokenizer's end-of-sequence ids;

@@ -338,10 +338,15 @@ class Tokenizer:
 
     # -- public API ----------------------------------------------------------
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`; special-token text in it is encoded as plain text."""
+        """Token ids of `text`; special-token text in it is encoded as plain text.
+
+        bos=True puts the BOS token first if the tokenizer has one; one without
+        (SmolLM2's) adds nothing, as transformers' add_special_tokens and
+        llama.cpp do, so that bos=True means "as the model's text begins".
+        """
         ids = self._encode_text(text)
-        if bos:
-            ids.insert(0, self._required(self.bos_id, "BOS"))
+        if bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
         if eos:
             ids.append(self._required(self.eos_id, "EOS"))
         return ids

@@ -32,15 +32,19 @@ import refmodels as R  # noqa: E402
 CLI_TIMEOUT = 300
 
 
-def run_cli(script: str, *args, timeout: float = CLI_TIMEOUT, cwd=None) -> tuple[int, str, str]:
+def run_cli(script: str, *args, timeout: float = CLI_TIMEOUT, cwd=None,
+            input: Optional[str] = None, env: Optional[dict] = None) -> tuple[int, str, str]:
     """Run `python SCRIPT ARGS...` from the repository root with this
-    interpreter; returns (returncode, stdout, stderr)."""
+    interpreter, `input` on its stdin (else an empty stdin: llama-np.py reads a
+    piped prompt) and `env` added to the environment; returns (returncode,
+    stdout, stderr)."""
     cmd = [sys.executable, str(REPO / script), *[str(a) for a in args]]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env.setdefault("PYTHONIOENCODING", "utf-8")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     proc = subprocess.run(cmd, cwd=str(cwd or REPO), capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", timeout=timeout, env=env)
+                          encoding="utf-8", errors="replace", timeout=timeout, env=env,
+                          input=input, stdin=subprocess.DEVNULL if input is None else None)
     return proc.returncode, proc.stdout, proc.stderr
 
 

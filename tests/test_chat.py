@@ -12,7 +12,7 @@ References, all independent of llamanp's rendering:
   sentencepiece itself.
 
 The console is driven through a pseudo-terminal and through a pipe, as a user
-and a script would, running ``python -m llamanp.console``. The models are tiny
+and a script would, running ``python -m llamanp --chat``. The models are tiny
 and random: these tests compare logits and structure, not the quality of text.
 """
 
@@ -816,7 +816,7 @@ def expected_answers(model, turns, n=6):
 
 
 def console_args(lmw_path, *extra):
-    return ["-m", "llamanp.console", "-w", str(lmw_path), "--temp", "0", *extra]
+    return ["-m", "llamanp", "--chat", "-w", str(lmw_path), "--temp", "0", *extra]
 
 
 class Terminal:
@@ -959,7 +959,7 @@ def test_console_ctrl_c_stops_the_answer_not_the_program(terminal, chatml_model)
     c = Chat(chatml_model)
     c.respond("tell me a story", Sampler(0.0), max_new_tokens=12)
     start_of_answer = c.messages[-1]["content"]
-    t = terminal()                             # no -n: this model never ends an answer itself
+    t = terminal("-n", "-1")                   # this model never ends an answer itself
     t.line("tell me a story")
     t.expect(start_of_answer)
     t.send("\x03")                             # Ctrl-C

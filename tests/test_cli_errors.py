@@ -358,9 +358,15 @@ def test_run_empty_model_file(tmp_path, outdir):
     run_fails(tmp_path / "empty.lmw", outdir)
 
 
-def test_run_checkpoint_instead_of_lmw(store, outdir):
-    """A source checkpoint given to -w: refuse, pointing at convert.py."""
-    run_fails(store.source(NOTOK_CASE), outdir)
+def test_run_checkpoint_without_tokenizer(store, outdir, tmp_path, monkeypatch):
+    """A source checkpoint given to -w is converted into the model cache (see
+    test_cli.py); one without a tokenizer then asks for -t, in one line."""
+    monkeypatch.setenv("LLAMANP_CACHE", str(tmp_path / "cache"))
+    src = store.source(NOTOK_CASE)
+    rc, so, se = run_cli("llama-np.py", "-w", src, "-i", PROMPT, "-n", "4")
+    assert rc == 1 and "Traceback" not in se
+    assert se.splitlines()[0].startswith(f"converting {src} into the model cache (once): ")
+    assert se.splitlines()[-1].startswith("error: ") and "-t" in se.splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +399,8 @@ def test_run_bad_seqlength(store, outdir, seqlength):
 
 @pytest.mark.parametrize("args", [("--temp", "-1"), ("--temp", "nan"), ("--topp", "0"),
                                   ("--topp", "1.5"), ("--topp", "-0.5"), ("--topk", "-3"),
-                                  ("--topk", "2.5"), ("-n", "-1"), ("-n", "many")],
+                                  ("--topk", "2.5"), ("-n", "-2"), ("-n", "many"),
+                                  ("--seed", "-2")],
                          ids=lambda a: " ".join(a))
 def test_run_bad_sampling_values(store, outdir, args):
     run_fails(store.lmw(TOK_CASE), outdir, *args)

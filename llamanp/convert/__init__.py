@@ -51,6 +51,8 @@ def detect_format(src: Path) -> str:
         head = f.read(8)
     if head[:4] == b"GGUF":
         return "gguf"
+    if head == lmw.MAGIC:
+        return "lmw"
     from .torchfile import is_zip
     if src.suffix == ".safetensors" or (is_zip(src)
                                         and (src.parent / "config.json").exists()):
@@ -62,7 +64,7 @@ def detect_format(src: Path) -> str:
         return "llama2c-bin"
     raise LlamanpError(f"{src}: unknown checkpoint format; supported are llama2.c .pt/.bin, "
                        "Meta consolidated.*.pth + params.json, Hugging Face directories "
-                       "(config.json + safetensors or pytorch_model.bin) and GGUF")
+                       "(config.json + safetensors or pytorch_model.bin), GGUF and .lmw")
 
 
 def read_checkpoint(src) -> Checkpoint:
@@ -77,6 +79,9 @@ def read_checkpoint(src) -> Checkpoint:
     if kind == "gguf":
         from . import gguf
         return gguf.read_gguf(src if src.is_file() else sorted(src.glob("*.gguf"))[0])
+    if kind == "lmw":
+        from .lmwsrc import read_lmw
+        return read_lmw(src)
     if kind == "llama2c-bin":
         from . import llama2c
         return llama2c.read_llama2c_bin(src)

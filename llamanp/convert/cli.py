@@ -8,16 +8,19 @@ import threading
 import time
 from typing import Optional
 
-from ..cliutil import ArgumentParser, run_main
+from ..cliutil import ArgumentParser, prog_name, run_main
 from ..quant import DTYPES
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
-        prog="convert.py",
+        prog=prog_name("convert.py"),
         description="Convert a checkpoint into one .lmw file (format detected from SRC): "
-                    "llama2.c training checkpoints (.pt) and exports (.bin, v0 and v1), "
-                    "Meta consolidated.*.pth + params.json (one or several shards).")
+                    "llama2.c training checkpoints (.pt) and exports (.bin, v0 and v1); "
+                    "Meta consolidated.*.pth + params.json (one or several shards); "
+                    "Hugging Face directories (config.json + safetensors or "
+                    "pytorch_model.bin); GGUF files; an .lmw file (stored again, e.g. "
+                    "in another --dtype).")
     p.add_argument("src", metavar="SRC", help="checkpoint file or directory")
     p.add_argument("out", metavar="OUT.lmw", help="file to write")
     p.add_argument("--tokenizer", metavar="PATH",
