@@ -240,8 +240,9 @@ def cost(model, spec: str, cases: list, contexts: list, steps: int, token: int,
     loaded = peak_rss_mb()
     keys = passkey(model, spec, cases)
     decode = {c: decode_speed(model, spec, c, steps, token, seed) for c in contexts}
+    seconds = sum(p["prefill_seconds"] for p in keys)
     return {"passkey": keys, "decode": decode,
-            "prefill_tps": sum(p["tokens"] for p in keys) / sum(p["prefill_seconds"] for p in keys),
+            "prefill_tps": sum(p["tokens"] for p in keys) / seconds if keys else None,
             "rss_loaded_mb": loaded, "rss_peak_mb": peak_rss_mb()}
 
 
@@ -466,10 +467,8 @@ def check_args(args, model) -> None:
     args.context_list = sorted({min(c, room) for c in contexts})
     if args.passkey_tokens is None:
         args.passkey_tokens = max(4 * args.budget, 1024)
-    args.passkey_tokens = min(args.passkey_tokens, cfg.max_seq_len - 64)
     if args.passkey_tokens < 1:
-        raise LlamanpError(f"the model's context ({cfg.max_seq_len}) is too short "
-                           "for the passkey test")
+        raise LlamanpError(f"--passkey-tokens must be >= 1, got {args.passkey_tokens}")
 
 
 def strategy_specs(args, config) -> list[str]:
@@ -531,15 +530,27 @@ def text_ids(model, path: str, n: int) -> list:
         raise LlamanpError("the model has no tokenizer; the lab needs one for the text "
                            "and the passkey test")
     ids = tok.encode(read_text(path), bos=tok.bos_id is not None)[:n]
+    limit = model.config.max_seq_len + 1       # all but the last token go through the cache
+    if len(ids) > limit:
+        say(f"the text is cut to {limit} tokens: the model's context is "
+            f"{model.config.max_seq_len}")
+        ids = ids[:limit]
     if len(ids) < 2:
         raise LlamanpError(f"{path} is {len(ids)} token long; the lab needs at least 2")
     return ids
 
 
 def passkey_cases(model, args) -> list:
+    """(depth, prompt, answer) at each depth; the filler is shortened to fit
+    the model's context, and there are no cases if even the shortest does not."""
     key = str(np.random.default_rng(args.seed).integers(10000, 100000))
-    return [(d, *passkey_prompt(model.tokenizer, args.passkey_tokens, d, key))
-            for d in DEPTHS]
+    filler = args.passkey_tokens
+    while filler >= 1:
+        cases = [(d, *passkey_prompt(model.tokenizer, filler, d, key)) for d in DEPTHS]
+        if max(len(p) + len(a) for _, p, a in cases) <= model.config.max_seq_len:
+            return cases
+        filler = filler * 3 // 4 if filler > 8 else filler - 1
+    return []
 
 
 def run_probe(args) -> list:
@@ -577,6 +588,7 @@ def main(argv=None) -> int:
         return 0
 
     specs = strategy_specs(args, model.config)
+    cases = passkey_cases(model, args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -614,8 +626,11 @@ def main(argv=None) -> int:
                   a if a and all(c.isalnum() or c in "-_.,=:/" for c in a) else repr(a)
                   for a in (sys.argv[1:] if argv is None else argv)), "",
               f"full cache: perplexity {full['ppl']:.4f} over {full['scored']} positions; "
-              f"quality fed in chunks of {args.chunk}; budget {args.budget}; passkey filler "
-              f"{args.passkey_tokens} tokens; kept positions of layer {args.layer}",
+              f"quality fed in chunks of {args.chunk}; budget {args.budget}; " + (
+                  f"passkey prompts of {min(len(c[1]) for c in cases)}-"
+                  f"{max(len(c[1]) for c in cases)} tokens"
+                  if cases else "no passkey test: the model's context is too short for it")
+              + f"; kept positions of layer {args.layer}",
               "", table(rows, args.context_list)]
     if share is not None:
         b, m = share["batch"], share["beam"]
