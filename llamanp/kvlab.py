@@ -580,14 +580,15 @@ def main(argv=None) -> int:
     from .model import load
     model = load(args.weights)
     check_args(args, model)
-    ids = text_ids(model, args.text, args.tokens)
     if args.probe is not None:          # the cost process of one spec
+        ids = text_ids(model, args.text, args.tokens)
         r = cost(model, args.probe, passkey_cases(model, args), args.context_list,
                  args.steps, ids[-1], args.seed)
         print(json.dumps(r))
         return 0
 
     specs = strategy_specs(args, model.config)
+    ids = text_ids(model, args.text, args.tokens)
     cases = passkey_cases(model, args)
     out = Path(args.out)
     try:
