@@ -483,7 +483,7 @@ def strategy_specs(args, config) -> list[str]:
                 make_cache(spec, config, 1)
                 specs.append(spec)
             except LlamanpError as e:        # not on this version, or not at this budget
-                say(f"left out {spec}: {e}")
+                args.notes.append(f"left out {spec}: {e}")
         return specs
     specs = [s.strip() for s in args.strategies.split(";") if s.strip()]
     if not specs:
@@ -523,7 +523,7 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def text_ids(model, path: str, n: int) -> list:
+def text_ids(model, path: str, n: int, notes: list) -> list:
     from .perplexity import read_text
     tok = model.tokenizer
     if tok is None:
@@ -532,8 +532,8 @@ def text_ids(model, path: str, n: int) -> list:
     ids = tok.encode(read_text(path), bos=tok.bos_id is not None)[:n]
     limit = model.config.max_seq_len + 1       # all but the last token go through the cache
     if len(ids) > limit:
-        say(f"the text is cut to {limit} tokens: the model's context is "
-            f"{model.config.max_seq_len}")
+        notes.append(f"the text is cut to {limit} tokens: the model's context is "
+                     f"{model.config.max_seq_len}")
         ids = ids[:limit]
     if len(ids) < 2:
         raise LlamanpError(f"{path} is {len(ids)} token long; the lab needs at least 2")
@@ -581,20 +581,23 @@ def main(argv=None) -> int:
     model = load(args.weights)
     check_args(args, model)
     if args.probe is not None:          # the cost process of one spec
-        ids = text_ids(model, args.text, args.tokens)
+        ids = text_ids(model, args.text, args.tokens, [])
         r = cost(model, args.probe, passkey_cases(model, args), args.context_list,
                  args.steps, ids[-1], args.seed)
         print(json.dumps(r))
         return 0
 
+    args.notes = []        # said once every argument is known to be good
     specs = strategy_specs(args, model.config)
-    ids = text_ids(model, args.text, args.tokens)
+    ids = text_ids(model, args.text, args.tokens, args.notes)
     cases = passkey_cases(model, args)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LlamanpError(f"cannot create {out}: {e.strerror}") from None
+    for note in args.notes:
+        say(note)
     t_start, load_start = time.perf_counter(), load_average()
     say(f"{len(ids)} tokens, {len(specs)} strategies, budget {args.budget}, "
         f"chunk {args.chunk}")
