@@ -139,3 +139,19 @@ def test_beam_search_shares_the_prompt(model, monkeypatch):
     one = make_cache("inplace", model.config, 206).nbytes
     assert runs["inplace"].stats.peak_kv_bytes == 4 * one
     assert runs["paged"].stats.peak_kv_bytes < runs["inplace"].stats.peak_kv_bytes
+
+
+def test_cli_paged_beams_and_batch(tmp_path, sp_model, cli):
+    """--kvcache paged on the command line: beams and a batch sharing a prefix
+    give the in-place cache's output, and the program ends cleanly."""
+    from tinymodel import write_text_model
+    model = write_text_model(tmp_path / "t.lmw", sp_model, seed=5, max_seq_len=96)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the system prompt is long and shared, then a\n"
+                       "the system prompt is long and shared, then b\n")
+    for args in (["-i", "hello there", "--beams", "3"], ["-f", prompts, "--batch"]):
+        runs = [cli("llama-np.py", "-w", model, *args, "-n", "6", "--temp", "0",
+                    "--kvcache", kv) for kv in ("inplace", "paged")]
+        assert [r[0] for r in runs] == [0, 0]
+        assert runs[1][1] == runs[0][1]
+        assert "Traceback" not in runs[1][2] and "Exception" not in runs[1][2]

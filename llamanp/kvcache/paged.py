@@ -95,12 +95,16 @@ class BlockPool:
         self.free.extend(range(old, new))
 
     def share(self, ids) -> None:
-        np.add.at(self.refs, np.asarray(ids, np.intp), 1)
+        for b in ids:                       # (a table names each block once)
+            self.refs[b] += 1
 
     def release(self, ids) -> None:
-        ids = np.asarray(ids, np.intp)
-        np.subtract.at(self.refs, ids, 1)
-        self.free.extend(int(b) for b in np.unique(ids) if self.refs[b] == 0)
+        # plain indexing only: this also runs from a cache's __del__, which
+        # may come while the interpreter shuts down
+        for b in ids:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(int(b))
 
     def private(self, b: int) -> int:
         """Block b if only one table holds it, else a fresh copy of it (all
