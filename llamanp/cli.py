@@ -260,7 +260,8 @@ def check_args(args) -> None:
     if args.logprobs < 0:
         raise LlamanpError(f"--logprobs must be >= 0 (0 = off), got {args.logprobs}")
     if args.beams is not None:
-        check_beam_args(args.beams, args.n_tokens, args.length_penalty)
+        check_beam_args(args.beams, DEFAULT_N_TOKENS if args.n_tokens in (None, -1)
+                        else args.n_tokens, args.length_penalty)
         sampled_only = [flag for flag, on in (
             ("--you-pick", args.you_pick), ("--sampler-history", args.sampler_history),
             ("--logprobs", args.logprobs), ("--mirostat", args.mirostat),
@@ -669,8 +670,13 @@ def run_beams(args, model: Model, prompt: str, ids: list, kvcache: str) -> dict:
         print(f"beam {k}: logprob {b.logprob:.3f} score {score:.3f} | {text!r}",
               file=sys.stderr)
     best = found[0]
-    ended = "eos" if best.ids and best.ids[-1] in stop_ids else (
-        "context" if len(ids) + len(best.ids) >= context_length(args, model) else "length")
+    if args.stop and texts[0] != beam_text(tok, best, stop_ids, []):
+        ended = "stop"                          # cut at a stop string
+    elif best.ids and best.ids[-1] in stop_ids:
+        ended = "eos"
+    else:
+        ended = ("context" if len(ids) + len(best.ids) >= context_length(args, model)
+                 else "length")
     print(f"[{stopped(ended)} | prompt {len(ids)} tokens | {args.beams} beams | generated "
           f"{len(beam_tokens(best, stop_ids))} | {seconds:.2f} s | peak RSS "
           f"{peak_rss_mb():.0f} MB | kvcache {kvcache}]", file=sys.stderr)

@@ -336,3 +336,15 @@ def test_bos_and_text_prompts_on_smollm2(smollm2_gguf, smollm2_lmw, tmp_path):
         assert m.tokenizer.encode(text, bos=True) == hf.encode(text, add_special_tokens=True)
     g = llamanp.generate(m, "Hello", 3)
     assert g.prompt_ids == hf.encode("Hello") and len(list(g)) == 3
+
+
+def test_beam_summary_names_the_stop_reason(endless, endless_model):
+    text = greedy_text(endless_model, PROMPT, 8)
+    stop = text[4:7]
+    rc, so, se = run_cli("llama-np.py", "-w", endless, "-i", PROMPT, "--beams", "1", "-n", "8",
+                         "--stop", stop)
+    assert rc == 0 and "[stopped: stop string |" in se, se
+    assert so == PROMPT + text[:text.index(stop)] + "\n"     # one beam is greedy
+    rc, so, se = run_cli("llama-np.py", "-w", endless, "-i", PROMPT, "--beams", "2", "-n", "-1",
+                         "-c", "20")
+    assert rc == 0 and "[stopped: context full |" in se, se
