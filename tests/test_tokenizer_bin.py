@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 from conftest import NOTOK_CASE, run_cli
-from test_tokenizer import HARD_TEXTS
+from test_tokenizer import HARD_TEXTS, _one_line_error
 
-from llamanp.errors import LlamanpError
 from llamanp.tokenizer import Tokenizer, TokenizerData, load_tokenizer, read_tokenizer_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -189,15 +188,7 @@ def test_read_tokenizer_file_reads_a_tokenizer_bin(trio):
     assert again.encode(CORPUS[-1]) == trio.tok.encode(CORPUS[-1])
 
 
-def _one_line_error(fn, *args) -> str:
-    with pytest.raises(LlamanpError) as info:
-        fn(*args)
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
-
-
-def test_damaged_tokenizer_bin_is_refused_by_name(tok300, tmp_path):
+def test_damaged_tokenizer_bin_is_refused_by_name(store, tok300, tmp_path):
     good = tok300.path.read_bytes()
     last = len(good) - 8 - len(tok300.runc.vocab[-1])       # where the last entry starts
     cut = tmp_path / "cut.bin"
@@ -209,8 +200,9 @@ def test_damaged_tokenizer_bin_is_refused_by_name(tok300, tmp_path):
         cut.write_bytes(data)
         message = _one_line_error(read_tokenizer_file, cut)
         assert str(cut) in message and hint in message, message
-    rc, out, err = run_cli("llama-np.py", "-w", "nothing.lmw", "-t", cut, "-i", "x")
-    assert rc != 0 and "Traceback" not in err
+    rc, out, err = run_cli("llama-np.py", "-w", store.lmw(NOTOK_CASE), "-t", cut, "-i", "x")
+    assert rc != 0 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert str(cut) in err and "llama2.c tokenizer" in err
 
 
 def test_sentencepiece_models_stay_sentencepiece(trio):
