@@ -19,7 +19,8 @@ equal scores, until no pair is a piece. run.c rescans the whole sequence for
 every merge; a heap of candidate pairs makes the same choices in O(n log n).
 
 Decoding (run.c's ``decode``): a piece's text, a "<0xNN>" piece's one raw
-byte, and the leading space of a piece that follows BOS dropped.
+byte, and the leading space of a piece that follows BOS dropped; BOS and EOS
+themselves print nothing (run.c never prints them).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ _NO_MERGE = struct.unpack("<f", struct.pack("<f", -1e10))[0]
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
 
-# The export bounds: a piece longer than this is no text a tokenizer holds.
+# Bounds of a sane file: a piece longer than this is no text a tokenizer
+# holds, and no model has more tokens than this (config.py's bound too).
 _MAX_TOKEN_LENGTH = 1 << 16
+_MAX_TOKENS = 1 << 22
 
 
 def looks_like_tokenizer_bin(data: bytes) -> bool:
@@ -85,6 +88,8 @@ def read_tokenizer_bin(data: bytes, source: str) -> tuple[list[bytes], list[floa
     pos, end = 4, len(data)
     while pos < end:
         id = len(pieces)
+        if id == _MAX_TOKENS:
+            raise damaged(f"it holds more than {_MAX_TOKENS} tokens")
         if pos + 8 > end:
             raise damaged(f"token {id} is cut off after {end - pos} bytes")
         score, n = struct.unpack_from("<fi", data, pos)

@@ -174,7 +174,7 @@ class TokenizerData:
 
 
 def read_tokenizer_file(path) -> TokenizerData:
-    """Read a tokenizer.model, telling SentencePiece and tiktoken apart by content."""
+    """Read a tokenizer file, telling SentencePiece, tiktoken and tokenizer.bin apart by content."""
     path = Path(path)
     try:
         data = path.read_bytes()

@@ -22,6 +22,7 @@ import sentencepiece as spm
 from conftest import NOTOK_CASE, run_cli
 from test_tokenizer import HARD_TEXTS, _one_line_error
 
+from llamanp import llama2c_tokenizer
 from llamanp.tokenizer import Tokenizer, TokenizerData, load_tokenizer, read_tokenizer_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -188,7 +189,7 @@ def test_read_tokenizer_file_reads_a_tokenizer_bin(trio):
     assert again.encode(CORPUS[-1]) == trio.tok.encode(CORPUS[-1])
 
 
-def test_damaged_tokenizer_bin_is_refused_by_name(store, tok300, tmp_path):
+def test_damaged_tokenizer_bin_is_refused_by_name(store, tok300, tmp_path, monkeypatch):
     good = tok300.path.read_bytes()
     last = len(good) - 8 - len(tok300.runc.vocab[-1])       # where the last entry starts
     cut = tmp_path / "cut.bin"
@@ -200,6 +201,9 @@ def test_damaged_tokenizer_bin_is_refused_by_name(store, tok300, tmp_path):
         cut.write_bytes(data)
         message = _one_line_error(read_tokenizer_file, cut)
         assert str(cut) in message and hint in message, message
+    # no model has millions of tokens: a file that would is not read to its end
+    monkeypatch.setattr(llama2c_tokenizer, "_MAX_TOKENS", 100)
+    assert "more than 100 tokens" in _one_line_error(read_tokenizer_file, tok300.path)
     rc, out, err = run_cli("llama-np.py", "-w", store.lmw(NOTOK_CASE), "-t", cut, "-i", "x")
     assert rc != 0 and err.startswith("error: ") and err.count("\n") == 1, err
     assert str(cut) in err and "llama2.c tokenizer" in err
