@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
+import zipfile
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from test_torchfile import StorageRef, TensorRef, handmade_archive
 
 from llamanp import inputfile, lmw
+from llamanp.convert import torchfile
 from llamanp.errors import LlamanpError, brief
 
 CLI_TIMEOUT = 60
@@ -340,13 +344,6 @@ def test_gguf_metadata_bounds(tmp_path, changes, words):
 
 # --- family: zip archives (.pt / .pth / pytorch_model.bin) ------------------------------------
 
-import io  # noqa: E402
-import pickle  # noqa: E402
-import time  # noqa: E402
-import zipfile  # noqa: E402
-
-from llamanp.convert import torchfile  # noqa: E402
-
 
 def central_entry(data: bytes, name: str) -> int:
     """Offset of the central-directory header of member `name`."""
@@ -498,36 +495,8 @@ def test_duplicate_member_names(tmp_path):
 
 # --- family: the restricted unpickler ----------------------------------------------------------
 
-class StorageRef:
-    def __init__(self, key, numel, cls=torch.FloatStorage):
-        self.key, self.numel, self.cls = key, numel, cls
-
-
-class TensorRef:
-    def __init__(self, storage, offset, size, stride):
-        self.args = (storage, offset, size, stride, False, {})
-
-    def __reduce__(self):
-        return torch._utils._rebuild_tensor_v2, self.args
-
-
-class Raw:
-    """Pickles as the opcodes given (for what a Pickler will not write)."""
-    def __init__(self, opcodes: bytes):
-        self.opcodes = opcodes
-
-
-def handmade(path, obj, storages: dict, protocol=2):
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, o):
-            if isinstance(o, StorageRef):
-                return ("storage", o.cls, o.key, "cpu", o.numel)
-            return None
-    buf = io.BytesIO()
-    Pickler(buf, protocol=protocol).dump(obj)
-    members = [("hand/data.pkl", buf.getvalue()), ("hand/byteorder", b"little")]
-    members += [(f"hand/data/{k}", v) for k, v in storages.items()]
-    write_archive(path, members)
+def handmade(path, obj, storages: dict):
+    handmade_archive(path, obj, storages)
     return path
 
 
