@@ -743,3 +743,13 @@ def test_special_files_are_one_line_never_a_hang(tmp_path, special):
     t0 = time.perf_counter()
     convert_fails(src, tmp_path, *extra)
     assert time.perf_counter() - t0 < 30
+
+
+def test_every_reader_refuses_a_fifo_without_blocking(tmp_path):
+    from llamanp.convert import gguf, llama2c, safetensors
+    fifo = tmp_path / "model"
+    os.mkfifo(fifo)                                  # nobody writes: a plain open would block
+    assert not llama2c.is_llama2c_bin(fifo)
+    for read in (llama2c.read_llama2c_bin, torchfile.load, safetensors.load, gguf.read_gguf):
+        with pytest.raises(LlamanpError, match="pipe"):
+            read(fifo)

@@ -63,6 +63,7 @@ _GENERATION_CONFIG = "generation_config.json"
 _TOKENIZER_CONFIG = "tokenizer_config.json"
 _CHAT_TEMPLATE_FILE = "chat_template.jinja"
 _SENTENCEPIECE_FILE = "tokenizer.model"
+_MAX_TEMPLATE_BYTES = 16 << 20      # real chat templates are a few KB
 
 # (single file, index of shards, shard name pattern, what it is), in the order
 # transformers looks for them: safetensors first.
@@ -479,9 +480,9 @@ def _chat_template(directory: str, where: str) -> Optional[str]:
     jinja = os.path.join(directory, _CHAT_TEMPLATE_FILE)
     if os.path.isfile(jinja):
         try:
-            with open(jinja, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
+            return inputfile.read_bytes(jinja, _MAX_TEMPLATE_BYTES, "chat template") \
+                .decode("utf-8")
+        except (inputfile.JsonFileError, UnicodeDecodeError) as e:
             raise LlamanpError(f"{where}: cannot read {_CHAT_TEMPLATE_FILE}: {e}") from None
     template = _read_optional_json(os.path.join(directory, _TOKENIZER_CONFIG),
                                    where).get("chat_template")

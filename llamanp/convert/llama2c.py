@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import inputfile
 from ..config import Config
 from ..errors import LlamanpError, brief
 from . import torchfile
@@ -176,7 +177,7 @@ class BinHeader:
 def _read_bin_header(path: str) -> BinHeader:
     """Parse the header; raise LlamanpError if it cannot be a llama2.c header."""
     where = os.path.basename(path)
-    with open(path, "rb") as f:
+    with inputfile.open_regular(path) as f:
         head = f.read(_V1_HEADER_BYTES)
     if len(head) < _PARAMS.size:
         raise LlamanpError(f"{where} is too short to be a llama2.c model")
@@ -311,7 +312,7 @@ def is_llama2c_bin(path) -> bool:
     """Does `path` look like a llama2.c export: the magic, or a legacy header whose size fits?"""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with inputfile.open_regular(path) as f:
             if f.read(4) == struct.pack("<I", _MAGIC):
                 return True       # any version: the reader explains what it cannot read
         h = _read_bin_header(path)
@@ -326,10 +327,9 @@ def read_llama2c_bin(path) -> Checkpoint:
     """Memory-map a llama2.c float32 export (version 0 or 1)."""
     path = os.fspath(path)
     where = os.path.basename(path)
-    try:
-        h = _read_bin_header(path)
-    except FileNotFoundError:
-        raise LlamanpError(f"{path}: no such file") from None
+    if not os.path.lexists(path):
+        raise LlamanpError(f"{path}: no such file")
+    h = _read_bin_header(path)
     _check_header(h, where)
     cfg = _bin_config(h)
     layout = _choose_layout(path, h, cfg)
