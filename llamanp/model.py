@@ -279,12 +279,12 @@ def attend_block(qb: np.ndarray, keys: np.ndarray, values: np.ndarray, out: np.n
     n_kv, rows, _ = qb.shape
     n, seen = rows // group, keys.shape[2]
     weights, sums = softmax_parts(
-        lambda: np.matmul(qb, keys, out=buf),                  # [n_kv, rows, seen]
+        lambda: times_keys(qb, keys, out=buf),                 # [n_kv, rows, seen]
         lambda scores: scores.reshape(n_kv, n, group, seen)[..., seen - n:],
         _PAST[:n, None, :n])
     if observe is not None:
         observe(weights, sums)
-    np.matmul(weights, values.transpose(0, 2, 1), out=out)
+    times_values(weights, values, out=out)
     out /= sums[..., None]
 
 
@@ -301,15 +301,52 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray,
     streaming the cache is all that decoding costs at long contexts). No
     mask: a single new token sees everything.
     """
+    n_kv, group, _, hd = qg.shape
+    if not isinstance(keys, np.ndarray):     # narrow storage, widened block by block
+        w, sums = softmax_parts(lambda: times_keys(qg.reshape(n_kv, group, hd), keys))
+        if observe is not None:
+            observe(w, sums, 0)
+        mixed = times_values(w, values)
+        mixed /= sums[..., None]
+        return mixed.reshape(n_kv, group, 1, hd)
     # [n_kv, group, 1, hd] @ [n_kv, 1, hd, seen] -> [n_kv, group, 1, seen]
     w, sums = softmax_parts(lambda: np.matmul(qg, keys[:, None]))
     if observe is not None:
-        n_kv, group = qg.shape[:2]
         observe(w.reshape(n_kv, group, -1), sums.reshape(n_kv, group), 0)
     # [n_kv, 1, hd, seen] @ [n_kv, group, seen, 1] -> [n_kv, group, hd, 1]
     mixed = np.matmul(values[:, None], w.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
     mixed /= sums[..., None]
     return mixed
+
+
+def times_keys(q: np.ndarray, keys, out=None) -> np.ndarray:
+    """The scores q @ keys: q [n_kv, rows, hd], keys [n_kv, hd, seen] ->
+    [n_kv, rows, seen]. Keys kept in narrow storage (llamanp.kvcache.quantized)
+    are widened a block of positions at a time into a buffer that stays in
+    the CPU cache while it is multiplied."""
+    if isinstance(keys, np.ndarray):
+        return np.matmul(q, keys, out=out)
+    if out is None:
+        out = np.empty(q.shape[:2] + (keys.shape[2],), np.float32)
+    for lo, hi, block in keys.blocks():
+        np.matmul(q, block, out=out[..., lo:hi])
+    return out
+
+
+def times_values(w: np.ndarray, values, out=None) -> np.ndarray:
+    """The mix w @ values^T: w [n_kv, rows, seen], values [n_kv, hd, seen] ->
+    [n_kv, rows, hd], block by block for narrow storage (see times_keys)."""
+    if isinstance(values, np.ndarray):
+        return np.matmul(w, values.transpose(0, 2, 1), out=out)
+    if out is None:
+        out = np.empty(w.shape[:2] + (values.shape[1],), np.float32)
+    for lo, hi, block in values.blocks():
+        part = np.matmul(w[..., lo:hi], block.transpose(0, 2, 1))
+        if lo == 0:
+            out[...] = part
+        else:
+            out += part
+    return out
 
 
 def softmax_parts(scores_of, own_keys=None, past=None):

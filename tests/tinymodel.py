@@ -23,10 +23,12 @@ def tiny_config(vocab: int, max_seq_len: int = 64) -> Config:
 
 
 def write_tiny(path, vocab: int, tokenizer=None, seed: int = 0, max_seq_len: int = 64,
-               quiet_ids: Optional[list] = None, logit_std: float = 1.0) -> Path:
+               quiet_ids: Optional[list] = None, logit_std: float = 1.0,
+               config: Optional[Config] = None) -> Path:
     """A random untied model; `quiet_ids` get all-zero output rows (logit 0 whatever
-    the input), so that e.g. byte pieces are rarely picked and text stays readable."""
-    cfg = tiny_config(vocab, max_seq_len)
+    the input), so that e.g. byte pieces are rarely picked and text stays readable.
+    `config` replaces tiny_config's shape."""
+    cfg = config or tiny_config(vocab, max_seq_len)
     rng = np.random.default_rng(seed)
 
     def weight(name, shape):

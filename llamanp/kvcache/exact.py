@@ -21,9 +21,8 @@ import numpy as np
 
 from ..errors import LlamanpError
 from .base import KVCache, Param, register, reserve
-
-#: storage types a position-holding strategy can keep its keys and values in
-DTYPES = ("f32",)
+from .held import HeldCache
+from .quantized import DTYPES
 
 
 @register
@@ -56,6 +55,12 @@ class InplaceCache(KVCache):
 
     name = "inplace"
     params = {"dtype": Param("f32", "storage", DTYPES)}
+
+    @classmethod
+    def build(cls, config, max_seq_len, dtype="f32"):
+        if dtype != "f32":   # narrower storage: the slots of a Store
+            return HeldCache(config, max_seq_len, dtype=dtype)
+        return cls(config, max_seq_len, dtype=dtype)
 
     def __init__(self, config, max_seq_len, **options):
         super().__init__(config, max_seq_len, **options)
