@@ -321,32 +321,60 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray,
 
 def times_keys(q: np.ndarray, keys, out=None) -> np.ndarray:
     """The scores q @ keys: q [n_kv, rows, hd], keys [n_kv, hd, seen] ->
-    [n_kv, rows, seen]. Keys kept in narrow storage (llamanp.kvcache.quantized)
-    are widened a block of positions at a time into a buffer that stays in
-    the CPU cache while it is multiplied."""
+    [n_kv, rows, seen].
+
+    Keys kept in narrow storage (llamanp.kvcache.quantized) come a block of
+    positions at a time, widened into a buffer that stays in the CPU cache
+    while it is multiplied. For a few rows (decoding) a block-quantized store
+    hands over its integer codes and their scales separately: each 32-wide
+    slice of head_dim is multiplied on its own and the scales are applied to
+    the few scores, not to the many codes.
+    """
     if isinstance(keys, np.ndarray):
         return np.matmul(q, keys, out=out)
+    n_kv, rows, hd = q.shape
     if out is None:
-        out = np.empty(q.shape[:2] + (keys.shape[2],), np.float32)
-    for lo, hi, block in keys.blocks():
-        np.matmul(q, block, out=out[..., lo:hi])
+        out = np.empty((n_kv, rows, keys.shape[2]), np.float32)
+    for lo, hi, block, scale in keys.blocks(fold=rows <= FOLD_ROWS):
+        if scale is None:
+            np.matmul(q, block, out=out[..., lo:hi])
+            continue
+        nb = scale.shape[1]          # [n_kv, nb, hi-lo]: one scale per slice and position
+        part = np.matmul(q.reshape(n_kv, rows, nb, hd // nb).transpose(0, 2, 1, 3),
+                         block.reshape(n_kv, nb, hd // nb, hi - lo))   # [n_kv, nb, rows, n]
+        part *= scale[:, :, None, :]
+        np.sum(part, axis=1, out=out[..., lo:hi])
     return out
 
 
 def times_values(w: np.ndarray, values, out=None) -> np.ndarray:
     """The mix w @ values^T: w [n_kv, rows, seen], values [n_kv, hd, seen] ->
-    [n_kv, rows, hd], block by block for narrow storage (see times_keys)."""
+    [n_kv, rows, hd], block by block for narrow storage (see times_keys:
+    there the scales go into the weights)."""
     if isinstance(values, np.ndarray):
         return np.matmul(w, values.transpose(0, 2, 1), out=out)
+    n_kv, rows, _ = w.shape
+    hd = values.shape[1]
     if out is None:
-        out = np.empty(w.shape[:2] + (values.shape[1],), np.float32)
-    for lo, hi, block in values.blocks():
-        part = np.matmul(w[..., lo:hi], block.transpose(0, 2, 1))
+        out = np.empty((n_kv, rows, hd), np.float32)
+    for lo, hi, block, scale in values.blocks(fold=rows <= FOLD_ROWS):
+        if scale is None:
+            part = np.matmul(w[..., lo:hi], block.transpose(0, 2, 1))
+        else:
+            nb = scale.shape[1]
+            ws = w[:, None, :, lo:hi] * scale[:, :, None, :]          # [n_kv, nb, rows, n]
+            part = np.matmul(ws, block.reshape(n_kv, nb, hd // nb, hi - lo).transpose(0, 1, 3, 2))
+            part = part.transpose(0, 2, 1, 3).reshape(n_kv, rows, hd)
         if lo == 0:
             out[...] = part
         else:
             out += part
     return out
+
+
+#: up to this many query rows, block-quantized keys and values are multiplied
+#: as codes with their scales applied to the (few) results (see times_keys)
+FOLD_ROWS = 16
 
 
 def softmax_parts(scores_of, own_keys=None, past=None):

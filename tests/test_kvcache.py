@@ -140,8 +140,8 @@ def test_q8_0_and_q4_0_are_llama_cpp_blocks():
         store = make_store(dtype, WIDE, 8)
         store.write(0, 0, x.transpose(2, 0, 1), x.transpose(2, 0, 1))
         want = quants.quantize(x.transpose(0, 2, 1).reshape(-1, 32), kind)   # [rows, 2 + code]
-        codes = store.planes["k"][0][..., :7].transpose(0, 2, 1).reshape(-1, code_bytes)
-        scales = store.planes["k_d"][0][..., :7].transpose(0, 2, 1).reshape(-1)
+        codes = store.slots("k", 0, 0, 7).transpose(0, 2, 1).reshape(-1, code_bytes)
+        scales = store.slots("k_d", 0, 0, 7).transpose(0, 2, 1).reshape(-1)
         assert (codes.view(np.uint8) == want[:, 2:]).all(), dtype
         assert (scales.view(np.uint8).reshape(-1, 2) == want[:, :2]).all(), dtype
         got = store.widen("k", 0, 0, 7)
@@ -176,14 +176,16 @@ def reference_attention(q, keys, values, start):
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("T", [1, 150])
-def test_attention_over_stored_equals_float64_reference(dtype, T):
-    """Attention over narrow storage, widened a block of positions at a time
-    (blocks smaller than the context here), against float64 attention over
+def test_attention_over_stored_equals_float64_reference(dtype, T, monkeypatch):
+    """Attention over narrow storage, widened a page of positions at a time
+    (pages of 64 here, the last one partial), against float64 attention over
     the whole dequantized cache."""
+    from llamanp.kvcache import quantized
+    monkeypatch.setattr(quantized, "BLOCK_BYTES", 4 * 2 * 32 * 64)
     rng = np.random.default_rng(3)
     seen = 700
     store = make_store(dtype, WIDE, seen)
-    store.block = 96                    # several blocks, the last one partial
+    assert store.block == 64
     kv = rng.standard_normal((2, seen, 2, 32)).astype(np.float32)
     store.write(1, 0, kv[0], kv[1])
     keys, values = store.read(1, seen)

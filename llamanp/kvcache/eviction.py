@@ -103,9 +103,10 @@ class Sinks(Evicting):
 
     def rotate_sinks(self, d: int) -> None:
         """Rotate the sink keys (slots 0..sinks-1) to their original
-        positions + d, interleaved pairs as in model.apply_rope."""
+        positions + d: each interleaved pair (a, b) of head_dim turns by
+        d x its frequency, as model.apply_rope does."""
         from ..model import rope_frequencies  # (model imports this package)
-        keys = self.store.planes["k"][..., :self.sinks]     # [L, n_kv, hd, sinks]
+        keys = self.store.planes["k"][..., :self.sinks]         # [L, n_kv, hd, sinks]
         if self.sink_keys is None:
             self.sink_keys = keys.copy()
         cfg = self.config
@@ -122,8 +123,8 @@ class Sinks(Evicting):
 
 
 class Scored(Evicting):
-    """Drops, per layer, the lowest-scored slots; `score` [n_layers, capacity]
-    moves with the slots."""
+    """Drops, in each layer, the lowest-scored slots (all layers at once);
+    `score` [n_layers, capacity] moves with the slots."""
 
     def __init__(self, config, max_seq_len, **options):
         super().__init__(config, max_seq_len, **options)
@@ -132,11 +133,16 @@ class Scored(Evicting):
     def slot_names(self):
         return super().slot_names() + ["score"]
 
-    def lowest(self, layer: int, n: int, protect=None) -> np.ndarray:
-        s = self.score[layer, :self.held].copy()
-        if protect is not None:
-            s[protect] = np.inf
-        return np.argpartition(s, n - 1)[:n] if n < len(s) else np.arange(len(s))
+    def protected(self):
+        """A [n_layers, held] mask of slots never dropped, or None."""
+        return None
+
+    def choose(self, n):
+        s = self.score[:, :self.held].copy()
+        keep = self.protected()
+        if keep is not None:
+            s[keep] = np.inf
+        return np.argpartition(s, n - 1, axis=1)[:, :n]
 
     def reset(self):
         super().reset()
@@ -174,9 +180,8 @@ class H2O(Scored):
     def observe(self, layer, weights, sums, first, total):
         self.score[layer, :weights.shape[-1]] += attention_received(weights, sums)
 
-    def drop(self, layer, n):
-        recent = self.pos[layer, :self.held] >= self.length - self.recent
-        return self.lowest(layer, n, protect=recent)
+    def protected(self):
+        return self.pos[:, :self.held] >= self.length - self.recent
 
 
 @register
@@ -194,9 +199,6 @@ class TOVA(Scored):
             last = weights[:, -group:] / sums[:, -group:, None]
             self.score[layer, :weights.shape[-1]] = last.mean(axis=(0, 1))
 
-    def drop(self, layer, n):
-        return self.lowest(layer, n)
-
 
 @register
 class KNorm(Scored):
@@ -210,9 +212,6 @@ class KNorm(Scored):
     def stored(self, layer, lo, k):
         self.score[layer, lo:lo + len(k)] = -np.linalg.norm(k, axis=2).mean(axis=1)
 
-    def drop(self, layer, n):
-        return self.lowest(layer, n)
-
 
 @register
 class Random(Evicting):
@@ -225,8 +224,9 @@ class Random(Evicting):
         super().__init__(config, max_seq_len, **options)
         self.rng = np.random.default_rng(options["seed"])
 
-    def drop(self, layer, n):
-        return self.rng.choice(self.held, n, replace=False)
+    def choose(self, n):
+        draw = self.rng.random((self.config.n_layers, self.held))
+        return np.argpartition(draw, n - 1, axis=1)[:, :n]
 
     def copy(self):
         twin = super().copy()
@@ -281,6 +281,9 @@ class SnapKV(Scored):
             self.window_now = min(self.window, n)
             self.evict(self.held - self.size)
         self.score[:, :self.held] = 0
+
+    def choose(self, n):
+        return np.stack([self.drop(layer, n) for layer in range(self.config.n_layers)])
 
     def drop(self, layer, n):
         p = self.pos[layer, :self.held]

@@ -71,18 +71,34 @@ class HeldCache(KVCache):
             self.evict(self.held - self.size)
 
     def evict(self, n: int) -> None:
-        """Drop n slots in every layer (those drop() names), keeping the rest
-        in slots 0..size-1."""
-        shared = self.drop_all(n)
-        for layer in range(self.config.n_layers):
-            drop = shared if shared is not None else self.drop(layer, n)
-            self.compact(layer, np.asarray(drop))
-        self.held -= n
+        """Drop n slots in every layer (those choose() names) and fill the
+        holes they leave below the new end with the kept slots above it, all
+        layers in one indexed copy per array."""
+        drops = self.choose(n)                                   # [n_layers, n]
+        end = self.held - n
+        gone = np.zeros((self.config.n_layers, self.held), bool)
+        np.put_along_axis(gone, drops, True, axis=1)
+        layers, holes = np.nonzero(gone[:, :end])
+        _, movers = np.nonzero(~gone[:, end:])       # as many per layer as holes
+        movers += end
+        if len(holes):
+            self.store.move(layers, movers, holes)
+            for name in self.slot_names():
+                a = getattr(self, name)
+                a[layers, holes] = a[layers, movers]
+        self.held = end
         self.evicted(n)
 
+    def choose(self, n: int) -> np.ndarray:
+        """The n slots to drop in each layer, [n_layers, n]: drop_all's for
+        every layer when the layers agree, else drop()'s per layer."""
+        shared = self.drop_all(n)
+        if shared is not None:
+            return np.broadcast_to(np.asarray(shared), (self.config.n_layers, n))
+        return np.stack([self.drop(layer, n) for layer in range(self.config.n_layers)])
+
     def drop_all(self, n: int):
-        """The n slots to drop in every layer, when all layers agree; else None
-        (and drop() is asked per layer)."""
+        """The n slots to drop in every layer, when all layers agree; else None."""
         return None
 
     def drop(self, layer: int, n: int) -> np.ndarray:
@@ -91,20 +107,6 @@ class HeldCache(KVCache):
 
     def evicted(self, n: int) -> None:
         """Hook: n positions were just dropped from every layer."""
-
-    def compact(self, layer: int, drop: np.ndarray) -> None:
-        """Fill the holes that dropping `drop` leaves below the new end with
-        the kept slots above it."""
-        end = self.held - len(drop)
-        gone = np.zeros(self.held, bool)
-        gone[drop] = True
-        holes = np.flatnonzero(gone[:end])
-        movers = end + np.flatnonzero(~gone[end:])
-        if len(holes):
-            self.store.move(layer, movers, holes)
-            for name in self.slot_names():
-                a = getattr(self, name)
-                a[layer, holes] = a[layer, movers]
 
     def _grow(self, need: int) -> None:
         cap = min(max(need, 2 * self.store.capacity), max(need, self.max_seq_len))

@@ -1,13 +1,14 @@
 """Keys and values in fewer bits: the stores behind dtype=, and KIVI.
 
 A Store keeps the keys and values of `capacity` slots per layer, each kind
-(k, v) as one or more planes [n_layers, n_kv, rows, capacity] with the slots
-last, as the exact caches do. float32 storage is read as plain array views;
-anything narrower is read through a Stored, which widens a block of a few
+(k, v) as one or more planes [n_layers, n_kv, rows, capacity], slots last as
+in the exact caches (each row of a head is a long contiguous stretch, the
+shape the products stream fastest). float32 storage is read as plain array
+views; anything narrower through a Stored, which widens a block of several
 hundred positions at a time into a buffer small enough to stay in the CPU
 cache while attention multiplies it (model.times_keys / times_values): the
 whole cache is never widened at once, and narrow storage is read once per
-step from memory, in its narrow form.
+step, in its narrow form.
 
 Storage types, along head_dim (bytes per position per layer per kv head):
 
@@ -29,40 +30,48 @@ import copy
 import numpy as np
 
 from ..errors import LlamanpError
-from ..quant import encode_bf16, encode_q8_0
+from ..quant import encode_bf16, encode_q8_0, widen_f16
 from .base import KVCache, Param, register, reserve
 
 #: storage types a position-holding strategy can keep its keys and values in
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-QBLOCK = 32          # llama.cpp's q8_0 / q4_0 block length
-BLOCK_BYTES = 1 << 18  # a widened block of positions: about this many bytes of float32
+QBLOCK = 32            # llama.cpp's q8_0 / q4_0 block length
+BLOCK_BYTES = 1 << 19  # a widened block of positions: about this many bytes of float32
 
 
 class Store:
     """float32 slots: what attention reads is a view, nothing is widened.
 
-    Planes: name -> array [n_layers, n_kv, rows, capacity]; a subclass
-    describes its planes (`layout`), how to encode a block [n_kv, hd, T] into
-    them (`encode`) and how to widen slots back (`decode`).
+    Planes: name -> array [n_layers, n_kv, rows, capacity]; a narrower
+    subclass describes its planes (`layout`), how to encode new keys or
+    values [n_kv, hd, T] into them (`encode`) and how to widen slots back
+    into a float32 [n_kv, hd, B] buffer (`decode`), and keeps its planes in
+    pages of `block` slots, [n_layers, pages, n_kv, rows, block]: a page is
+    then one contiguous stretch of memory, which widens in one fast pass (a
+    strided stretch of small codes casts several times slower).
     """
 
     dtype = "f32"
 
     def __init__(self, config, capacity: int):
         self.config = config
-        self.capacity = capacity
+        # slots per page: a power of two whose float32 widening is about BLOCK_BYTES
+        per = BLOCK_BYTES // (4 * config.n_kv_heads * config.head_dim)
+        self.block = max(QBLOCK, 1 << max(per, 1).bit_length() - 1)
+        self.paged = self.dtype != "f32"
+        self.capacity = -(-capacity // self.block) * self.block if self.paged else capacity
         self.planes = {}
         for kind in ("k", "v"):
             for suffix, (rows, dtype) in self.layout(config.head_dim).items():
-                shape = (config.n_layers, config.n_kv_heads, rows, capacity)
+                head = (config.n_kv_heads, rows)
+                shape = ((config.n_layers, self.capacity // self.block) + head + (self.block,)
+                         if self.paged else (config.n_layers,) + head + (self.capacity,))
                 self.planes[kind + suffix] = reserve(shape, dtype)
-        self.block = max(QBLOCK, BLOCK_BYTES // (4 * config.n_kv_heads * config.head_dim)
-                         // QBLOCK * QBLOCK)
         self.scratch = None   # the widened block, allocated on first use
 
     @staticmethod
     def layout(hd: int) -> dict:
-        """plane suffix -> (rows per slot, numpy dtype)."""
+        """plane suffix -> (rows per kv head, numpy dtype)."""
         return {"": (hd, np.float32)}
 
     def encode(self, x: np.ndarray) -> dict:
@@ -75,36 +84,67 @@ class Store:
         return out
 
     # -- slots ---------------------------------------------------------------------
+    def pieces(self, lo: int, hi: int):
+        """(lo, hi) pieces of slots lo..hi-1 that stay within one page."""
+        while lo < hi:
+            end = min(hi, (lo // self.block + 1) * self.block) if self.paged else hi
+            yield lo, end
+            lo = end
+
+    def slots(self, name: str, layer: int, lo: int, hi: int) -> np.ndarray:
+        """Slots lo..hi-1 (within one page) of plane `name` in `layer`, [n_kv, rows, hi-lo]."""
+        plane = self.planes[name]
+        if not self.paged:
+            return plane[layer, ..., lo:hi]
+        page, at = divmod(lo, self.block)
+        return plane[layer, page, ..., at:at + hi - lo]
+
     def write(self, layer: int, lo: int, k: np.ndarray, v: np.ndarray) -> None:
         """Store k, v [T, n_kv, hd] in slots lo..lo+T-1 of `layer`."""
         for kind, x in (("k", k), ("v", v)):
             for suffix, part in self.encode(x.transpose(1, 2, 0)).items():
-                self.planes[kind + suffix][layer, ..., lo:lo + len(x)] = part
+                for a, b in self.pieces(lo, lo + len(x)):
+                    self.slots(kind + suffix, layer, a, b)[...] = part[..., a - lo:b - lo]
 
     def read(self, layer: int, n: int):
         """What attention reads of slots 0..n-1: keys, values [n_kv, hd, n]."""
-        if self.dtype == "f32":
+        if not self.paged:
             return self.planes["k"][layer, ..., :n], self.planes["v"][layer, ..., :n]
         return Stored(self, "k", layer, n), Stored(self, "v", layer, n)
 
     def widen(self, kind: str, layer: int, lo: int, hi: int, out=None) -> np.ndarray:
-        """Slots lo..hi-1 of `kind` (k or v) in `layer` as float32 [n_kv, hd, hi-lo]."""
-        parts = {name[1:]: plane[layer, ..., lo:hi]
-                 for name, plane in self.planes.items() if name[0] == kind}
+        """Slots lo..hi-1 of `kind` (k or v) in `layer` as float32
+        [n_kv, hd, hi-lo] (into `out`, C-contiguous, if given)."""
         if out is None:
             out = np.empty((self.config.n_kv_heads, self.config.head_dim, hi - lo), np.float32)
-        return self.decode(parts, out)
+        for a, b in self.pieces(lo, hi):
+            parts = {name[1:]: self.slots(name, layer, a, b)
+                     for name in self.planes if name[0] == kind}
+            piece = out if (a, b) == (lo, hi) else np.empty(out.shape[:2] + (b - a,), np.float32)
+            self.decode(parts, piece)
+            if piece is not out:
+                out[..., a - lo:b - lo] = piece
+        return out
 
-    def move(self, layer: int, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy slots src to slots dst (compaction after an eviction)."""
+    def move(self, layer, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy slots src to slots dst (compaction after an eviction); `layer`
+        is an int or an array of layers paired with src and dst."""
         for plane in self.planes.values():
-            plane[layer][..., dst] = plane[layer][..., src]
+            if self.paged:
+                plane[layer, dst // self.block, ..., dst % self.block] = \
+                    plane[layer, src // self.block, ..., src % self.block]
+            else:
+                plane[layer, ..., dst] = plane[layer, ..., src]
 
     def resized(self, capacity: int, n: int) -> "Store":
         """A new store of `capacity` slots holding this one's first n."""
         twin = type(self)(self.config, capacity)
         for name, plane in self.planes.items():
-            twin.planes[name][..., :n] = plane[..., :n]
+            if self.paged:
+                pages = -(-n // self.block)
+                twin.planes[name][:, :pages] = plane[:, :pages]
+            else:
+                twin.planes[name][..., :n] = plane[..., :n]
         return twin
 
     @property
@@ -113,10 +153,14 @@ class Store:
 
 
 class Stored:
-    """Slots 0..n-1 of one kind (keys or values) of one layer of a Store, as
-    attention reads them: shape [n_kv, hd, n], widened block by block."""
+    """Slots 0..n-1 of one kind (keys or values) of one layer of a store, as
+    attention reads them: shape [n_kv, hd, n], widened block by block.
 
-    def __init__(self, store: Store, kind: str, layer: int, n: int):
+    The store (a Store, or Kivi) provides config, block, scratch and
+    widen(kind, layer, lo, hi, out), and may provide scaled_codes (see blocks).
+    """
+
+    def __init__(self, store, kind: str, layer: int, n: int):
         self.store, self.kind, self.layer = store, kind, layer
         cfg = store.config
         self.shape = (cfg.n_kv_heads, cfg.head_dim, n)
@@ -126,20 +170,24 @@ class Stored:
         _, cut = index
         return Stored(self.store, self.kind, self.layer, len(range(self.shape[2])[cut]))
 
-    def blocks(self):
-        """(lo, hi, float32 [n_kv, hd, hi-lo]) over the slots, a block at a time;
-        each block is only valid until the next one is asked for."""
-        s, n = self.store, self.shape[2]
+    def blocks(self, fold: bool = False):
+        """(lo, hi, float32 [n_kv, hd, hi-lo], None) over the slots, a block at
+        a time; each block is only valid until the next one is asked for.
+        With `fold`, a store of scaled blocks may give its codes and their
+        scales [n_kv, hd/32, hi-lo] instead (x = code x scale per 32 numbers)."""
+        s, (n_kv, hd, n) = self.store, self.shape
         if s.scratch is None:
-            s.scratch = np.empty(self.shape[0] * self.shape[1] * s.block, np.float32)
+            s.scratch = np.empty(s.block * n_kv * hd, np.float32)
         for lo in range(0, n, s.block):
             hi = min(n, lo + s.block)
-            out = s.scratch[:self.shape[0] * self.shape[1] * (hi - lo)]
-            yield lo, hi, s.widen(self.kind, self.layer, lo, hi,
-                                  out.reshape(self.shape[:2] + (hi - lo,)))
+            out = s.scratch[:n_kv * hd * (hi - lo)].reshape(n_kv, hd, hi - lo)
+            if fold and hasattr(s, "scaled_codes"):
+                yield (lo, hi) + s.scaled_codes(self.kind, self.layer, lo, hi, out)
+            else:
+                yield lo, hi, s.widen(self.kind, self.layer, lo, hi, out), None
 
     def widen(self) -> np.ndarray:
-        """All of it as one float32 array (for tests and references)."""
+        """All of it as one float32 array [n_kv, hd, n] (for tests and references)."""
         return self.store.widen(self.kind, self.layer, 0, self.shape[2])
 
 
@@ -152,6 +200,9 @@ class F16Store(Store):
 
     def encode(self, x):
         return {"": x.astype(np.float16)}
+
+    def decode(self, parts, out):
+        return widen_f16(np.ascontiguousarray(parts[""]), out)
 
 
 class BF16Store(Store):
@@ -190,6 +241,12 @@ class Q8Store(Store):
             parts["_d"].astype(np.float32)[:, :, None, :]
         return out
 
+    def scaled_codes(self, kind, layer, lo, hi, out):
+        """The codes of slots lo..hi-1 (within one page) as float32 (into
+        `out`) and their scales [n_kv, hd/32, n]."""
+        np.copyto(out, self.slots(kind, layer, lo, hi))
+        return out, self.slots(kind + "_d", layer, lo, hi).astype(np.float32)
+
 
 class Q4Store(Store):
     dtype = "q4_0"
@@ -201,28 +258,40 @@ class Q4Store(Store):
     def encode(self, x):
         n_kv, hd, T = x.shape
         blocks = x.reshape(n_kv, hd // QBLOCK, QBLOCK, T)
-        # the signed value of largest magnitude maps to -8
+        # as ggml's reference quantizer: the signed value of largest magnitude
+        # maps to -8, codes are x / d + 8.5 truncated, at most 15
         at = np.abs(blocks).argmax(axis=2)[:, :, None, :]
-        m = np.take_along_axis(blocks, at, axis=2)[:, :, 0, :]
-        d = m / -8
+        d = np.take_along_axis(blocks, at, axis=2)[:, :, 0, :] / np.float32(-8)
         inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
-        # as ggml's reference quantizer: truncate x / d + 8.5, at most 15
         q = np.minimum(15, (blocks * inv[:, :, None, :] + np.float32(8.5)).astype(np.int8))
         q = q.astype(np.uint8)
         half = QBLOCK // 2
-        packed = q[:, :, :half, :] | (q[:, :, half:, :] << 4)   # [n_kv, nb, 16, T]
+        packed = q[:, :, :half] | (q[:, :, half:] << 4)          # [n_kv, nb, 16, T]
         return {"": packed.reshape(n_kv, hd // 2, T), "_d": d.astype(np.float16)}
 
     def decode(self, parts, out):
+        self.unpack(parts[""], out)
         n_kv, hd, B = out.shape
-        packed = parts[""].reshape(n_kv, hd // QBLOCK, QBLOCK // 2, B)
+        out.reshape(n_kv, hd // QBLOCK, QBLOCK, B)[...] *= \
+            parts["_d"].astype(np.float32)[:, :, None, :]
+        return out
+
+    @staticmethod
+    def unpack(packed, out):
+        """4-bit codes -> their values q - 8 as float32, into out [n_kv, hd, B]."""
+        n_kv, hd, B = out.shape
+        packed = packed.reshape(n_kv, hd // QBLOCK, QBLOCK // 2, B)
         wide = out.reshape(n_kv, hd // QBLOCK, QBLOCK, B)
         half = QBLOCK // 2
-        np.copyto(wide[:, :, :half], packed & 15)
-        np.copyto(wide[:, :, half:], packed >> 4)
+        np.bitwise_and(packed, 15, out=wide[:, :, :half], casting="unsafe")
+        np.right_shift(packed, 4, out=wide[:, :, half:], casting="unsafe")
         wide -= 8
-        wide *= parts["_d"].astype(np.float32)[:, :, None, :]
         return out
+
+    def scaled_codes(self, kind, layer, lo, hi, out):
+        """The codes' values q - 8 as float32 (see Q8Store.scaled_codes)."""
+        self.unpack(self.slots(kind, layer, lo, hi), out)
+        return out, self.slots(kind + "_d", layer, lo, hi).astype(np.float32)
 
 
 STORES = {s.dtype: s for s in (Store, F16Store, BF16Store, Q8Store, Q4Store)}
@@ -352,7 +421,8 @@ class Kivi(KVCache):
 
     # -- reading (Stored asks) ------------------------------------------------------
     def widen(self, kind, layer, lo, hi, out=None):
-        """Positions lo..hi-1 of `kind` in `layer` as float32 [n_kv, hd, hi-lo]."""
+        """Positions lo..hi-1 of `kind` in `layer` as float32 [n_kv, hd, hi-lo]
+        (into `out` if given)."""
         cfg = self.config
         if out is None:
             out = np.empty((cfg.n_kv_heads, cfg.head_dim, hi - lo), np.float32)
