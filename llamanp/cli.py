@@ -279,7 +279,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.seed is None or args.seed == -1:
         args.seed = random.randrange(2**31)
     if args.perplexity is not None or args.ctx is not None or args.stride is not None:
-        return run_perplexity(args)
+        return run_perplexity(args, args.kvcache and kvcache)
     if args.chat:
         refuse_with_chat(args)
         message = read_prompt(args) if args.prompt is not None or args.file else None
@@ -365,7 +365,7 @@ def refuse_flags(args, names, message: str) -> None:
 
 # -- perplexity ----------------------------------------------------------------------
 
-def run_perplexity(args) -> int:
+def run_perplexity(args, kvcache: Optional[str] = None) -> int:
     """--perplexity FILE: score the text with a sliding window (llamanp/perplexity.py)."""
     from .perplexity import perplexity, read_text, report_stats, report_text, window_args
     if args.perplexity is None:
@@ -379,7 +379,7 @@ def run_perplexity(args) -> int:
                     else (model.config.max_seq_len, "the model's max_seq_len"))
     ctx, stride = window_args(args.ctx, args.stride, limit, where)
     ids = model.tokenizer.encode(text, bos=True)
-    result = perplexity(model, ids, ctx, stride)
+    result = perplexity(model, ids, ctx, stride, kvcache)
     sys.stdout.write(report_text(result, len(ids), ctx, stride))
     write_stats(args, {**report_stats(result, args.perplexity, len(ids), ctx, stride),
                        "peak_rss_mb": round(peak_rss_mb(), 1)})

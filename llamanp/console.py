@@ -77,6 +77,7 @@ from typing import Callable, Optional
 from . import inputfile
 from .chat import TEMPLATE_NAMES, ChatTemplate, check_messages, choose_template
 from .errors import LlamanpError
+from .kvcache import require
 
 CONTEXT_POLICIES = ("stop", "drop-oldest")
 DEFAULT_CONTEXT_POLICY = "stop"
@@ -160,6 +161,8 @@ class Chat:
         self.model = model
         self.context_policy = context_policy
         self.session = model.session(kvcache, max_seq_len)
+        if context_policy == "drop-oldest":   # it forgets by truncating the cache
+            require(self.session.cache, "--context-policy drop-oldest", truncates=True)
         self.messages: list[dict] = []
         self.turns: list[TurnStats] = []
         self.set_system(system)

@@ -26,6 +26,13 @@ context per prediction (a lower, more faithful perplexity) and more compute.
 
 The negative log-likelihood of each scored token is taken from the log-softmax,
 in float64, of the model's float32 logits; perplexity = exp(mean NLL).
+
+With kvcache=SPEC (llama-np.py --kvcache SPEC) a window is fed through that
+KV cache (llamanp.kvcache) in chunks of KV_CHUNK tokens instead of in one
+pass, so that a lossy cache (quantized storage, eviction) shows what it costs:
+every chunk attends to what the cache holds of the positions before it, and an
+evicting cache evicts after each chunk (so a chunk may see up to KV_CHUNK - 1
+positions beyond its budget). An exact cache gives the one-pass numbers.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import LlamanpError
-from .kvcache import make_cache
+from .kvcache import check_spec, make_cache
 from .model import Model
 
 DEFAULT_MAX_CTX = 512   # the default window: the model's context, at most this
@@ -129,35 +136,52 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return out
 
 
-def window_nll(model: Model, ids: np.ndarray, window: Window) -> float:
+#: a window fed through a KV cache (kvcache=SPEC) goes in chunks of this many tokens
+KV_CHUNK = 32
+
+
+def window_nll(model: Model, ids: np.ndarray, window: Window,
+               kvcache: Optional[str] = None) -> float:
     """Sum of the NLLs of the tokens `window` scores: one forward pass over
-    the window from position 0 (nothing is carried over from other windows)."""
+    the window from position 0 (nothing is carried over from other windows),
+    or, with a kvcache spec, chunks of KV_CHUNK tokens through that cache."""
     tokens = ids[window.start:window.end]
     # the logits at position p predict token p+1: the scored tokens need the
     # rows of positions scored_from-1 .. end-2, i.e. the last n_scored+1 rows
     # but the final one (which predicts past the window)
     n_rows = window.n_scored + 1
-    cache = make_cache("none", model.config, len(tokens))
-    logits = model.forward(tokens, 0, cache, n_logits=n_rows)[:-1]
+    if kvcache is None:
+        cache = make_cache("none", model.config, len(tokens))
+        logits = model.forward(tokens, 0, cache, n_logits=n_rows)[:-1]
+    else:
+        session = model.session(kvcache, max_seq_len=len(tokens))
+        logits = np.concatenate([session.feed(tokens[i:i + KV_CHUNK], all_logits=True)
+                                 for i in range(0, len(tokens), KV_CHUNK)])[-n_rows:-1]
     return float(token_nll(logits, ids[window.scored_from:window.end]).sum())
 
 
-def iter_window_nlls(model: Model, ids, ctx: int, stride: int) -> Iterator[WindowNLL]:
+def iter_window_nlls(model: Model, ids, ctx: int, stride: int,
+                     kvcache: Optional[str] = None) -> Iterator[WindowNLL]:
     """Score the windows one at a time (for progress reports); see perplexity()."""
     ids = check_ids(model, ids)
     check_windows(len(ids), ctx, stride, model.config.max_seq_len)
+    if kvcache is not None:
+        check_spec(kvcache)
     for w in windows(len(ids), ctx, stride):
         t0 = time.perf_counter()
-        nll = window_nll(model, ids, w)
+        nll = window_nll(model, ids, w, kvcache)
         yield WindowNLL(w, nll, time.perf_counter() - t0)
 
 
-def perplexity(model: Model, ids, ctx: int, stride: int) -> PerplexityResult:
+def perplexity(model: Model, ids, ctx: int, stride: int,
+               kvcache: Optional[str] = None) -> PerplexityResult:
     """Perplexity of the token sequence `ids` (BOS included, if wanted) under
     `model`, with windows of `ctx` tokens moved by `stride` (1 <= stride <= ctx;
-    see the module docstring for which tokens each window scores)."""
+    see the module docstring for which tokens each window scores). With
+    `kvcache` (a spec, see llamanp.kvcache) each window goes through that
+    cache in chunks of KV_CHUNK tokens."""
     nll_sum, n_scored, n_windows, n_computed, seconds = 0.0, 0, 0, 0, 0.0
-    for part in iter_window_nlls(model, ids, ctx, stride):
+    for part in iter_window_nlls(model, ids, ctx, stride, kvcache):
         nll_sum += part.nll_sum
         n_scored += part.window.n_scored
         n_windows += 1
