@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinymodel import write_tiny
+from tinymodel import write_text_model, write_tiny
 
 import llamanp
 from llamanp.config import Config
@@ -358,3 +358,86 @@ def test_fork_and_reset_of_an_evicting_cache(wide):
     np.testing.assert_array_equal(s.feed(ids(5, seed=8)), fresh.feed(ids(5, seed=8)))
     s.reset()
     assert s.cache.length == 0 and len(s.cache.positions(0)) == 0
+
+
+# -- the strategy written from scratch in docs/kv-cache.md ---------------------------
+
+def doc_strategy_code() -> str:
+    from pathlib import Path
+    doc = (Path(__file__).parent.parent / "docs" / "kv-cache.md").read_text(encoding="utf-8")
+    section = doc.split("## Writing a strategy", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_strategy_runs_as_written_and_equals_window(wide):
+    code = doc_strategy_code()
+    strategy = code[code.index("@register"):]
+    assert len(strategy.strip().splitlines()) < 40       # the class, imports aside
+    namespace: dict = {}
+    try:
+        exec(compile(code, "docs/kv-cache.md", "exec"), namespace)
+        assert "recent" in STRATEGIES
+        n = 120
+        want = wide.session("inplace", max_seq_len=n).feed(ids(n), all_logits=True)
+        got = wide.session(f"recent:size={n}", max_seq_len=n).feed(ids(n), all_logits=True)
+        np.testing.assert_array_equal(got, want)
+        for fill1 in (False, True):
+            runs = []
+            for spec in ("recent:size=40", "window:size=40"):
+                s = wide.session(spec, max_seq_len=n)
+                s.feed(ids(60), fill1=fill1)
+                runs.append(np.stack([s.feed([t]) for t in ids(30, seed=4)]))
+                assert list(s.cache.positions(1)) == list(range(50, 90))
+            assert rel(runs[0], runs[1]) <= 1e-6
+        s = wide.session("recent:size=40", max_seq_len=n)
+        s.feed(ids(50))
+        with pytest.raises(LlamanpError, match="cannot go back"):
+            s.cache.truncate(10)
+        s.cache.truncate(0)
+        assert s.cache.length == 0 and s.cache.nbytes == 0
+    finally:
+        STRATEGIES.pop("recent", None)
+
+
+# -- bad specs and refusals ----------------------------------------------------------
+
+@pytest.mark.parametrize("spec, words", [
+    ("sinks:size=4,sinks=4", ["size=4 must be larger than sinks=4"]),
+    ("sinks:size=64,shift=1,dtype=q8_0", ["shift=1", "dtype=q8_0", "dtype=f32"]),
+    ("sinks:shift=2", ["shift=2 is not allowed", "0|1"]),
+    ("h2o:size=16,recent=20", ["recent=20 must be at most size=16"]),
+    ("snapkv:size=64,kernel=4", ["kernel=4 must be odd"]),
+    ("snapkv:size=16", ["size=16 must be larger than window=32"]),
+    ("window:size=0", ["size=0 is not allowed", "an integer >= 1"]),
+    ("kivi:bits=3", ["bits=3 is not allowed", "2|4"]),
+    ("window:budget=3", ["unknown key 'budget'", "size=N"]),
+])
+def test_bad_strategy_options_get_one_line(wide, spec, words):
+    with pytest.raises(LlamanpError) as e:
+        make_cache(spec, wide.config, 64)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize("spec", ["inplace:dtype=q8_0", "inplace:dtype=q4_0",
+                                  "window:dtype=q8_0", "kivi"])
+def test_a_head_dim_the_blocks_do_not_divide_is_refused(tiny, spec):
+    with pytest.raises(LlamanpError, match="head_dim"):
+        make_cache(spec, tiny.config, 16)     # head_dim 8
+
+
+def test_chat_refuses_drop_oldest_with_an_evicting_cache(tmp_path, sp_model):
+    from llamanp.console import Chat
+    model = llamanp.load(write_text_model(tmp_path / "text.lmw", sp_model))
+    with pytest.raises(LlamanpError, match="drop-oldest needs a KV cache that can forget"):
+        Chat(model, template="llama2", kvcache="sinks:size=32", context_policy="drop-oldest")
+    Chat(model, template="llama2", kvcache="sinks:size=32")      # stop: fine
+
+
+def test_cli_kvcache_spec_errors_are_one_line(tmp_path):
+    from conftest import run_cli
+    rc, out, err = run_cli("llama-np.py", "-w", str(tmp_path / "none.lmw"), "-i", "x",
+                           "--kvcache", "sinks:size=2,sinks=4")
+    assert rc != 0 and err.count("\n") == 1 and err.startswith("error: kvcache sinks")

@@ -139,8 +139,16 @@ class KVCache:
         self.length = 0
 
     def truncate(self, n: int) -> None:
-        """Forget every position from n on."""
-        self.length = min(self.length, n)
+        """Forget every position from n on (refused, unless n is 0 or at least
+        length, by a strategy that does not truncate)."""
+        if n >= self.length:
+            return
+        if self.truncates:
+            self.length = n
+        elif n == 0:
+            self.reset()
+        else:
+            self.refuse_truncate(n)
 
     def copy(self) -> "KVCache":
         """An independent cache holding the same positions (forking a sequence)."""

@@ -139,14 +139,8 @@ class HeldCache(KVCache):
         self.held = 0
 
     def truncate(self, n):
-        if n >= self.length:
-            return
-        if n == 0:
-            self.reset()
-        elif not self.truncates:
-            self.refuse_truncate(n)
-        else:
-            self.length = self.held = n
+        super().truncate(n)
+        self.held = min(self.held, self.length)   # a truncating cache holds 0..length-1
 
     def copy(self):
         twin = copy.copy(self)

@@ -466,14 +466,10 @@ class Kivi(KVCache):
         self.quantized = 0
 
     def truncate(self, n):
-        if n >= self.length:
-            return
-        if n == 0:
-            self.reset()
-        elif n >= self.quantized:
+        if self.quantized <= n < self.length:   # only float32 positions go
             self.length = n
         else:
-            self.refuse_truncate(n)
+            super().truncate(n)
 
     def copy(self):
         twin = copy.copy(self)
