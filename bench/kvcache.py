@@ -6,7 +6,8 @@ eviction's bookkeeping, and an A/B of the exact strategies against another tree.
                             [--runs 5] [--steps 8] [--threads N]
     python bench/kvcache.py -w MODEL.lmw --ab OTHER_TREE [--runs 5]
 
-Decode: the context is filled by storing random keys and values through the
+Decode: the context (at most the model's max_seq_len less the steps) is
+filled by storing random keys and values through the
 cache's own update/advance (in chunks of 512, as prefill would: what a cache
 costs to read does not depend on what its numbers are), then --steps single
 tokens are fed through the model and timed. "bookkeeping" is the share of
@@ -79,8 +80,11 @@ def timed(cache, names) -> list:
 
 
 def decode(model, spec: str, ctx: int, steps: int, rng) -> dict:
-    s = model.session(spec, max_seq_len=ctx + steps + 1)
-    fill(s, ctx, rng)
+    """Decode steps after a context of ctx positions (the model's last
+    positions when ctx + steps would pass its max_seq_len)."""
+    limit = model.config.max_seq_len
+    s = model.session(spec, max_seq_len=min(limit, ctx + steps + 1))
+    fill(s, min(ctx, limit - steps - 1), rng)
     spent = timed(s.cache, ("advance", "observe"))
     tokens = rng.integers(0, model.config.vocab_size, steps)
     t0 = time.perf_counter()
