@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import lmw
+from . import lmw, parallel, threads
 from .config import Config, RopeScaling
 from .errors import LlamanpError
 from .kvcache import KVCache, make_cache
@@ -73,6 +73,10 @@ class Streamed:
     token this beats widening W whole (which writes it all out to memory and
     reads it back); for many tokens the whole widened matrix and one gemm win,
     except for the output matrix, which is never widened whole.
+
+    With more than one thread (llamanp.parallel), each thread widens and
+    multiplies its own rows into its own scratch; every row's result is the
+    single-thread path's, bit for bit.
     """
 
     def __init__(self, packed: Packed, scratch: np.ndarray):
@@ -80,12 +84,17 @@ class Streamed:
         self.scratch = scratch            # flat float32, shared by all Streamed
         out_dim, in_dim = packed.shape
         self.step = max(1, min(out_dim, len(scratch) // in_dim))
+        self._plans: dict = {}            # one row or many -> (pool, its pieces)
 
     def times(self, x: np.ndarray, out=None) -> np.ndarray:
         """x @ W^T for rows x [T, in], float32 [T, out] (into `out` if given);
         one row is a matrix-vector product per chunk, as in linear()."""
         out_dim, in_dim = self.packed.shape
         y = np.empty((len(x), out_dim), np.float32) if out is None else out
+        rows = parallel.pool()
+        if rows.size > 1:
+            self._times_shared(rows, x, y)
+            return y
         for lo in range(0, out_dim, self.step):
             hi = min(lo + self.step, out_dim)
             chunk = self.scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim)
@@ -95,6 +104,47 @@ class Streamed:
             else:
                 np.matmul(x, chunk.T, out=y[:, lo:hi])
         return y
+
+    def _times_shared(self, rows: "parallel.RowPool", x: np.ndarray, y: np.ndarray) -> None:
+        """times() with the rows shared out among the pool's threads."""
+        one = len(x) == 1
+
+        def job(pieces):
+            def run():
+                for packed, chunk, lo, hi in pieces:
+                    packed.widen(out=chunk)
+                    if one:
+                        np.matmul(chunk, x[0], out=y[0, lo:hi])
+                    else:
+                        np.matmul(x, chunk.T, out=y[:, lo:hi])
+            return run
+        with threads.one_blas_thread():
+            rows.run([job(p) for p in self._plan(rows, one)])
+
+    def _plan(self, rows: "parallel.RowPool", one: bool) -> list:
+        """Per thread: (Packed rows, scratch view, lo, hi) of each of its
+        pieces. One row takes pieces cut inside the single-thread chunks
+        (see parallel.split_rows); many rows keep the chunks whole (a gemm's
+        rows and columns do not change how each element is summed, but the
+        chunks are big enough to share out as they are)."""
+        held = self._plans.get(one)
+        if held is not None and held[0] is rows:
+            return held[1]
+        out_dim, in_dim = self.packed.shape
+        if one:
+            split = parallel.split_rows(out_dim, self.step, rows.size,
+                                        parallel.PIECE_ELEMENTS // in_dim)
+        else:
+            split = parallel.split_rows(out_dim, self.step, rows.size, self.step,
+                                        align=self.step)
+        plan = []
+        for k, pieces in enumerate(split):
+            scratch = rows.scratch(k, len(self.scratch))
+            plan.append([(self.packed.rows(lo, hi),
+                          scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim), lo, hi)
+                         for lo, hi in pieces])
+        self._plans[one] = (rows, plan)
+        return plan
 
 
 _MINUS_LOG2_E = np.float32(-math.log2(math.e))
@@ -462,12 +512,18 @@ class Model:
     run from several threads at once.
     """
 
-    def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None):
+    def __init__(self, file: lmw.LmwFile, tokenizer: Optional[Tokenizer] = None,
+                 widen: bool = False):
         self.file = file
         self.path = file.path
         self.config = cfg = file.config
         self.tokenizer = tokenizer
         t = file.tensors
+        #: bytes of float32 arrays that compressed weights were widened into
+        #: at load time (widen=True), instead of layer by layer as they run
+        self.widened_bytes = 0
+        if widen:
+            t = self._widen_at_load(t)
         self.tok_embeddings = t["tok_embeddings.weight"]   # float32 array or Packed
         self.output = self.tok_embeddings if cfg.tied_embeddings else t["output.weight"]
         self.norm = t["norm.weight"]
@@ -504,6 +560,20 @@ class Model:
         self.rope = RopeTable(cfg)
         self._work = Workspace()                  # the run state, reused
 
+    def _widen_at_load(self, tensors: dict) -> dict:
+        """`tensors` with every compressed one widened to a float32 array, so
+        that the model then runs as a float32 file does: no widening per
+        token, for the memory of the float32 weights."""
+        tensors = dict(tensors)
+        pairs = []
+        for name, w in tensors.items():
+            if isinstance(w, Packed):
+                tensors[name] = np.empty(w.shape, np.float32)
+                pairs.append((tensors[name], w))
+        parallel.widen_all(pairs)
+        self.widened_bytes = sum(buf.nbytes for buf, _ in pairs)
+        return tensors
+
     # -- the weights, as float32 --------------------------------------------------
     def layer_weights(self, i: int) -> Layer:
         """Layer i's weights as float32 arrays (matrices as [in, out] views).
@@ -513,8 +583,7 @@ class Model:
         layer are only valid until weights of another layer are asked for.
         """
         if self._to_widen[i] and self._widened != i:
-            for buf, packed in self._to_widen[i]:
-                packed.widen(out=buf)
+            parallel.widen_all(self._to_widen[i])
             self._widened = i
         return self._layers[i]
 
@@ -736,10 +805,14 @@ def feed_batch(sessions: list[Session], chunks: list) -> np.ndarray:
     return sessions[0].model.forward_batch([t for ids in chunks for t in ids], segments)
 
 
-def load(path, tokenizer=None) -> Model:
+def load(path, tokenizer=None, widen: bool = False) -> Model:
     """Open a .lmw model (memory-mapped and validated).
 
-    `tokenizer` overrides the embedded one: a path or a Tokenizer.
+    `tokenizer` overrides the embedded one: a path or a Tokenizer. With
+    `widen`, compressed weights (f16, bf16, q8_0) are widened to float32 once,
+    here, and the model runs at a float32 file's speed for the memory of the
+    float32 weights (Model.widened_bytes); without it they are widened as
+    they are used, a layer (or, decoding, a cache-sized piece) at a time.
     """
     file = lmw.read(path)
     if tokenizer is None:
@@ -749,4 +822,4 @@ def load(path, tokenizer=None) -> Model:
     else:
         from .tokenizer import load_tokenizer
         tok = load_tokenizer(tokenizer)
-    return Model(file, tok)
+    return Model(file, tok, widen=widen)

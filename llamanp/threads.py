@@ -33,6 +33,7 @@ import ctypes
 import glob
 import os
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 #: the environment variables that BLAS and OpenMP libraries read at load time
@@ -54,6 +55,7 @@ _SYMBOLS = (
 _limiter = None       # threadpoolctl's limits object, kept alive while in force
 _ctypes_api = None    # (setter, getter, library path) once found; False = none
 _last_method = ""     # how the last successful set_threads did it
+_wanted = None        # the count the last set_threads call asked for
 
 
 def _blas_loaded() -> bool:
@@ -125,10 +127,11 @@ def set_threads(n: int, reexec: bool = False) -> bool:
     is started again (os.execv, same arguments); that call then does not
     return.
     """
-    global _limiter, _last_method
+    global _limiter, _last_method, _wanted
     n = int(n)
     if n < 1:
         raise ValueError(f"the number of threads must be >= 1, got {n}")
+    _wanted = n
     for var in ENV_VARS:      # child processes (and a BLAS not loaded yet) follow too
         os.environ[var] = str(n)
     if not _blas_loaded():
@@ -172,6 +175,40 @@ def get_threads() -> Optional[int]:
     if api is not None and api[1] is not None:
         return int(api[1]())
     return None
+
+
+def wanted_threads() -> int:
+    """How many threads llamanp's own row-parallel work (llamanp.parallel)
+    should use: what set_threads last asked for, else what the environment
+    asks the BLAS for, else one per core this process may run on."""
+    if _wanted is not None:
+        return _wanted
+    for var in ENV_VARS[:2]:
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) >= 1:
+            return int(os.environ[var])
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def one_blas_thread():
+    """Run the block with NumPy's BLAS on one thread (the caller's), then
+    restore the count: for work that is already split over llamanp's own
+    threads, where a BLAS thread pool would only fight them for the cores.
+    Through ctypes, which costs about a microsecond; a no-op where the
+    BLAS cannot be reached that way."""
+    api = _find_ctypes_api() if _blas_loaded() else None
+    before = api[1]() if api is not None and api[1] is not None else None
+    if before is None or before == 1:
+        yield
+        return
+    api[0](1)
+    try:
+        yield
+    finally:
+        api[0](before)
 
 
 def method() -> str:
