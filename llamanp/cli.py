@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__
+from . import __version__, speedup
 from .beam import Beam, beam_score, beam_search, check_beam_args
 from .cliutil import ArgumentParser, prog_name, run_main
 from .console import add_chat_arguments, run_chat_from_args
@@ -144,6 +144,7 @@ def build_parser(prog: Optional[str] = None) -> ArgumentParser:
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON to FILE "
                    "(with --chat: one JSON line per turn)")
     add_chat_arguments(p)
+    speedup.add_speed_arguments(p)
     return p
 
 
@@ -214,7 +215,8 @@ def peak_rss_mb() -> float:
 def open_model(args) -> Model:
     from .modelcache import resolve
     model = load(resolve(args.weights), tokenizer=load_tokenizer(args.tokenizer)
-                 if args.tokenizer else None)
+                 if args.tokenizer else None, **speedup.load_options(args))
+    speedup.widened_note(model)
     if model.tokenizer is None:
         raise LlamanpError(f"{args.weights} has no embedded tokenizer; pass -t TOKENIZER "
                            "(a SentencePiece .model or a tiktoken file)")
@@ -241,6 +243,7 @@ def summary(stats: GenerationStats, kvcache: str, fill1: bool, seed: int) -> dic
 
 def check_args(args) -> None:
     """Refuse bad values before the model is even opened."""
+    speedup.check_speed_args(args)
     tok = args.tokenizer
     if tok is not None and tok.isdigit() and not Path(tok).exists():
         raise LlamanpError(f"-t is the tokenizer file here, and there is no file {tok}; "
@@ -448,10 +451,11 @@ def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> di
     sampler = make_sampler(args, args.seed)
     chooser = Chooser(tok, prompt, YouPick(tok, sys.stdin, sys.stderr)
                       if args.you_pick else None)
-    gen = Generation(model, ids, None if args.n_tokens == -1 else args.n_tokens, sampler,
-                     kvcache=kvcache, fill1=args.fill1, max_seq_len=args.seqlength,
-                     stop=args.stop, max_time=args.max_time, logprobs=args.logprobs,
-                     choose=chooser if (args.you_pick or args.sampler_history) else None)
+    gen = speedup.generation_for(args, model)(
+        model, ids, None if args.n_tokens == -1 else args.n_tokens, sampler,
+        kvcache=kvcache, fill1=args.fill1, max_seq_len=args.seqlength,
+        stop=args.stop, max_time=args.max_time, logprobs=args.logprobs,
+        choose=chooser if (args.you_pick or args.sampler_history) else None)
     chooser.generation = gen
     # opened last, so that a refused run leaves no file behind
     history = chooser.history = open_history(args.sampler_history)
@@ -483,6 +487,7 @@ def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> di
           f" | decode {stats['decode_tokens_per_second']:.1f} tok/s"
           f" | peak RSS {stats['peak_rss_mb']:.0f} MB | kvcache {kvcache}"
           f"{' fill1' if args.fill1 else ''} | seed {args.seed}]", file=sys.stderr)
+    stats.update(speedup.summary_fields(model, gen, sys.stderr))
     if args.json:
         print_json(prompt, ids, gen.text, gen.ids, stats)
     return stats
