@@ -138,3 +138,37 @@ def test_a_worker_error_reaches_the_caller():
     assert sorted(ran) == [0, 2]
     rows.run([lambda: ran.append(5)] * 3)     # still usable afterwards
     assert ran.count(5) == 3
+
+
+def test_widen_at_load_runs_the_dequantized_float32_model(tmp_path):
+    """load(widen=True) holds float32 arrays and computes exactly what the
+    float32 file of the dequantized weights computes; widened_bytes is their size."""
+    src = _write_model(tmp_path / "m.lmw", seed=4)
+    packed = recode(src, tmp_path / "m-q8.lmw", "q8_0")
+    plain = recode(packed, tmp_path / "m-deq.lmw", "f32")      # the values q8_0 means
+    wide = llamanp.load(packed, widen=True)
+    ref = llamanp.load(plain)
+    assert isinstance(wide.output, np.ndarray) and wide.buffer_bytes == 0
+    compressed = [w for w in llamanp.load(packed).file.tensors.values()
+                  if not isinstance(w, np.ndarray)]
+    assert wide.widened_bytes == sum(4 * int(np.prod(w.shape)) for w in compressed) > 0
+    ids = list(range(3, 40))
+    assert np.array_equal(wide.logits(ids), ref.logits(ids))
+    assert np.array_equal(wide.logits(ids, fill1=True), ref.logits(ids, fill1=True))
+    assert llamanp.load(plain, widen=True).widened_bytes == 0
+
+
+def test_cli_widen_at_load_reports_its_memory(tmp_path, sp_model):
+    import json
+
+    from conftest import run_cli
+    from tinymodel import write_text_model
+    path = recode(write_text_model(tmp_path / "t.lmw", sp_model, seed=2), tmp_path / "t8.lmw",
+                  "q8_0")
+    base = ["-w", str(path), "-i", "the cat", "-n", "8", "--temp", "0"]
+    code, plain, _ = run_cli("llama-np.py", *base)
+    code, out, err = run_cli("llama-np.py", *base, "--widen-at-load", "--stats-json",
+                             str(tmp_path / "s.json"))
+    assert code == 0 and out == plain
+    assert "widened at load" in err
+    assert json.loads((tmp_path / "s.json").read_text())["widened_at_load_mb"] > 0
