@@ -77,7 +77,8 @@ from llamanp.cliutil import ArgumentParser, run_main  # noqa: E402
 from llamanp.errors import LlamanpError  # noqa: E402
 
 STRATEGIES = ("inplace", "concat", "none")
-FULL = dict(prompt_lens=(16, 128, 512, 1024), fill1_max=1024, contexts=(0, 512, 1024, 2048),
+FULL = dict(prompt_lens=(16, 128, 512, 1024), fill1_max=1024,
+            contexts=(0, 512, 1024, 2048, 4096, 8192),
             steps=16, runs=5, machine_mb=1024, sgemm_n=2048, probe=(512, 64))
 QUICK = dict(prompt_lens=(16, 128, 512), fill1_max=128, contexts=(0, 512),
              steps=8, runs=3, machine_mb=256, sgemm_n=1024, probe=(128, 16))
@@ -245,7 +246,8 @@ def llamanp_tasks(model, path: str, plan, rng) -> list[Task]:
                           rng, vocab)
     for ctx in plan.contexts:
         for kv in STRATEGIES:
-            if kv == "none" and ctx > plan.none_max:
+            if (kv == "none" and ctx > plan.none_max) or (kv == "concat"
+                                                           and ctx > plan.concat_max):
                 continue
             steps = plan.steps if kv != "none" else plan.none_steps
             tasks.append(Task("llamanp", "decode", kv, ctx, "tok/s",
@@ -854,6 +856,7 @@ def render(rep: Report) -> str:
             f"{kv_bytes / 1024:.0f} KiB per position of context to every step "
             f"({kv_bytes * max(rep.plan.contexts) / 1e6:.0f} MB at {max(rep.plan.contexts)}); "
             "`concat` also copies it once per step."]
+    out += context_cost_lines(rep, kv_bytes)
 
     out += ["", "## Load and memory", ""]
     rows = []
@@ -876,6 +879,30 @@ def render(rep: Report) -> str:
     if rep.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(out) + "\n"
+
+
+def context_cost_lines(rep: Report, kv_bytes: int) -> list[str]:
+    """Decode with the in-place cache at each context against the shortest:
+    the ratio (per run, side by side) and what the context adds per token
+    (attention over the cache: reading it and the two products)."""
+    ctxs = sorted(c for c in rep.plan.contexts if rep.get("llamanp", "decode", "inplace", c))
+    if len(ctxs) < 2:
+        return []
+    base = rep.get("llamanp", "decode", "inplace", ctxs[0])
+    base_ms = 1000 / statistics.median(base.samples)
+    rows = []
+    for c in ctxs[1:]:
+        t = rep.get("llamanp", "decode", "inplace", c)
+        ms = 1000 / statistics.median(t.samples)
+        rows.append([str(c), fmt(statistics.median(t.samples)),
+                     fmt_ratio(paired_ratio(t.samples, base.samples)),
+                     f"{ms - base_ms:.2f}", f"{kv_bytes * c / 1e6:.0f}"])
+    return ["", f"### What the context costs (in-place cache, against context {ctxs[0]})", ""] + \
+        md_table(["context", "tok/s", f"÷ context {ctxs[0]}", "added ms per token",
+                  "cache MB read per token"], rows) + \
+        ["", "`added ms per token`: the median time per token minus context "
+         f"{ctxs[0]}'s, i.e. attention over the cache (both products and the softmax) "
+         "and reading it."]
 
 
 def render_dtypes(rep: Report) -> list[str]:
@@ -1158,6 +1185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--none-max", type=int, default=512,
                    help="longest context for kvcache none, which recomputes it every step "
                         "(default 512)")
+    p.add_argument("--concat-max", type=int, default=2048,
+                   help="longest context for kvcache concat, which copies the cache every "
+                        "step (default 2048); longer ones run the in-place cache only")
     p.add_argument("--machine-mb", type=int,
                    help="size of the bandwidth-test array in MiB (default 1024; --quick 256)")
     p.add_argument("--settle", type=float, default=0.1,
@@ -1176,7 +1206,7 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--hf-fill1-max", type=int, default=128,
                     help="longest prompt transformers also feeds one token at a time (default 128)")
     hf.add_argument("--hf-context-max", type=int,
-                    help="longest decode context for transformers (default: all; --quick 0)")
+                    help="longest decode context for transformers (default 2048; --quick 0)")
     lc = p.add_argument_group("--compare llama-cpp")
     lc.add_argument("--llama-gguf", help="an F32 GGUF of the same model for llama.cpp "
                                          "(default: MODEL.f32.gguf beside the .lmw)")
@@ -1201,6 +1231,7 @@ class Plan:
     probe: tuple
     hf_fill1_max: int
     hf_context_max: int
+    concat_max: int = 2048
 
 
 def make_plan(args, limit: int, notes: list) -> Plan:
@@ -1216,10 +1247,16 @@ def make_plan(args, limit: int, notes: list) -> Plan:
     if keep != lens:
         notes.append(f"prompt lengths {[n for n in lens if n not in keep]} skipped: beyond the "
                      f"model's max_seq_len {limit}")
-    keep_c = tuple(c for c in ctxs if max(c, 1) + steps <= limit)
-    if keep_c != ctxs:
-        notes.append(f"decode contexts {[c for c in ctxs if c not in keep_c]} skipped: with "
-                     f"{steps} steps they pass the model's max_seq_len {limit}")
+    # a context up to the model's limit decodes its last `steps` positions
+    keep_c = tuple(sorted({min(c, limit - steps) for c in ctxs
+                           if c <= limit and limit - steps >= 0}))
+    moved = [c for c in ctxs if c <= limit and c + steps > limit]
+    if moved:
+        notes.append(f"decode context {moved[0]} measured at {limit - steps}: its "
+                     f"{steps} steps are the model's last positions (max_seq_len {limit})")
+    if any(c > limit for c in ctxs):
+        notes.append(f"decode contexts {[c for c in ctxs if c > limit]} skipped: beyond the "
+                     f"model's max_seq_len {limit}")
     if not keep or not keep_c:
         raise LlamanpError(f"nothing to measure within the model's max_seq_len {limit}; "
                            "give smaller --prompt-lens / --contexts / --steps")
@@ -1229,11 +1266,12 @@ def make_plan(args, limit: int, notes: list) -> Plan:
     return Plan(prompt_lens=keep, fill1_max=args.fill1_max if args.fill1_max is not None
                 else d["fill1_max"], contexts=keep_c, steps=steps,
                 none_steps=max(2, steps // 4), none_max=args.none_max,
+                concat_max=args.concat_max,
                 runs=args.runs or d["runs"], machine_mb=args.machine_mb or d["machine_mb"],
                 sgemm_n=d["sgemm_n"], probe=(prompt, gen),
                 hf_fill1_max=args.hf_fill1_max,
                 hf_context_max=args.hf_context_max if args.hf_context_max is not None
-                else (0 if args.quick else 1 << 30))
+                else (0 if args.quick else 2048))
 
 
 def main(argv=None) -> int:
