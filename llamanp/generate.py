@@ -238,28 +238,36 @@ class Generation:
             if token is None:
                 st.stop_reason = "user"
                 return
-            if token in self.stop_ids:
-                st.stop_reason = "eos"
-                return
-            if self.n_logprobs:
-                self.logprobs.append(token_logprobs(logits, token, self.n_logprobs))
-            self.ids.append(token)
-            st.generated_tokens += 1
-            self._add_text(token)
-            yield token
-            if self._text is not None and self._text.found is not None:
-                st.stop_reason, st.stop_string = "stop", self._text.found
-                return
-            if self.max_new_tokens is not None and st.generated_tokens >= self.max_new_tokens:
-                st.stop_reason = "length"
-                return
-            if self.max_time is not None and time.perf_counter() - t0 >= self.max_time:
-                st.stop_reason = "time"
+            if (yield from self._emit(token, logits, t0)):
                 return
             t1 = time.perf_counter()
             logits = s.feed([token])
             st.decode_seconds += time.perf_counter() - t1
             st.computed_tokens = s.computed
+
+    def _emit(self, token: int, logits, t0: float):
+        """Yield `token` (chosen from `logits`) unless it is a stop id; True
+        when generation ends with it (generation started at time t0)."""
+        st = self.stats
+        if token in self.stop_ids:
+            st.stop_reason = "eos"
+            return True
+        if self.n_logprobs:
+            self.logprobs.append(token_logprobs(logits, token, self.n_logprobs))
+        self.ids.append(token)
+        st.generated_tokens += 1
+        self._add_text(token)
+        yield token
+        if self._text is not None and self._text.found is not None:
+            st.stop_reason, st.stop_string = "stop", self._text.found
+            return True
+        if self.max_new_tokens is not None and st.generated_tokens >= self.max_new_tokens:
+            st.stop_reason = "length"
+            return True
+        if self.max_time is not None and time.perf_counter() - t0 >= self.max_time:
+            st.stop_reason = "time"
+            return True
+        return False
 
     def _next_token(self, logits) -> Optional[int]:
         """The sampler's pick, or the choose hook's; None = stop."""

@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import LlamanpError
-from .generate import Generation, GenerationStats, token_logprobs
+from .generate import Generation, GenerationStats
 from .sampling import SamplingStep
 
 
@@ -193,7 +193,7 @@ class SpeculativeGeneration(Generation):
             step = self.sampler.step(logits, s.tokens)
             token = step.token if forced is None else forced
             self.sampler.accept(step, token)
-            if (yield from self._emit(token, logits)):
+            if (yield from self._emit(token, logits, self._t0)):
                 return
             t1 = time.perf_counter()
             logits, forced = yield from self._speculate(token)
@@ -201,28 +201,6 @@ class SpeculativeGeneration(Generation):
             st.computed_tokens = s.computed
             if logits is None:
                 return
-
-    def _emit(self, token: int, logits):
-        """Yield `token` unless it ends generation; True when generation ends."""
-        st = self.stats
-        if token in self.stop_ids:
-            st.stop_reason = "eos"
-            return True
-        st.generated_tokens += 1
-        if self.n_logprobs:
-            self.logprobs.append(token_logprobs(logits, token, self.n_logprobs))
-        self._add_text(token)
-        yield token
-        if self._text is not None and self._text.found is not None:
-            st.stop_reason, st.stop_string = "stop", self._text.found
-            return True
-        if st.generated_tokens >= self.max_new_tokens:
-            st.stop_reason = "length"
-            return True
-        if self.max_time is not None and time.perf_counter() - self._t0 >= self.max_time:
-            st.stop_reason = "time"
-            return True
-        return False
 
     def _speculate(self, token: int):
         """Feed `token` and the proposals after it in one pass, check them,
@@ -246,7 +224,7 @@ class SpeculativeGeneration(Generation):
             if self._accepts(step.probs, q, d):
                 st.accepted += 1
                 self.sampler.accept(step, d)
-                if (yield from self._emit(d, rows[i])):
+                if (yield from self._emit(d, rows[i], self._t0)):
                     return None, None
                 continue
             rewind(s, base + 1 + i)

@@ -95,7 +95,7 @@ def generation_for(args, model):
     from .generate import Generation
     if getattr(args, "draft", None) is None:
         return Generation
-    from .speculative import make_drafter, SpeculativeGeneration
+    from .speculative import SpeculativeGeneration, make_drafter
     drafter = make_drafter(args.draft, model, ngram=args.draft_ngram, max_draft=args.draft_max)
 
     def make(*a, **kw):
