@@ -80,6 +80,7 @@ class RowPool:
 
     def __init__(self, size: int):
         self.size = max(1, int(size))
+        self.broken = False
         self._workers = [_Worker() for _ in range(self.size - 1)]
         self._scratch = [np.empty(0, np.float32) for _ in range(self.size)]
 
@@ -94,6 +95,8 @@ class RowPool:
         return sum(s.nbytes for s in self._scratch)
 
     def run(self, jobs: Sequence[Callable[[], None]]) -> None:
+        if self.broken:
+            raise RuntimeError("internal: this RowPool was interrupted; use parallel.pool()")
         started = []
         for worker, job in zip(self._workers, jobs[1:]):
             worker.start(job)
@@ -103,8 +106,15 @@ class RowPool:
             if jobs:
                 jobs[0]()
         finally:
-            for worker in started:   # all of them, even if the caller's job failed
-                error = worker.wait() or error
+            try:
+                for worker in started:   # all of them, even if the caller's job failed
+                    error = worker.wait() or error
+            except BaseException:
+                # interrupted (Ctrl-C) while a worker was still busy: its "done"
+                # would arrive late and answer the next run, so this pool is
+                # not used again (pool() makes a fresh one)
+                self.broken = True
+                raise
         if error is not None:
             raise error
 
@@ -116,7 +126,7 @@ def pool() -> RowPool:
     """The process's pool, sized threads.wanted_threads() (rebuilt when that changes)."""
     global _pool
     want = threads.wanted_threads()
-    if _pool is None or _pool.size != want:
+    if _pool is None or _pool.size != want or _pool.broken:
         _pool = RowPool(want)
     return _pool
 

@@ -172,3 +172,18 @@ def test_cli_widen_at_load_reports_its_memory(tmp_path, sp_model):
     assert code == 0 and out == plain
     assert "widened at load" in err
     assert json.loads((tmp_path / "s.json").read_text())["widened_at_load_mb"] > 0
+
+
+def test_an_interrupted_pool_is_replaced(monkeypatch, restore_threads):
+    threads.set_threads(2)
+    rows = parallel.pool()
+    worker = rows._workers[0]
+    real_wait = worker.wait
+
+    def interrupted():
+        real_wait()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(worker, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rows.run([lambda: None, lambda: None])
+    assert rows.broken and parallel.pool() is not rows
