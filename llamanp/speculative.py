@@ -173,6 +173,7 @@ class SpeculativeGeneration(Generation):
         if self.session.cache.recompute is False:
             check_truncates(self.session.cache)
         self.drafter = drafter
+        self.k = drafter.max_draft    # proposals asked for, adapted as they fare
         old = self.stats
         self.stats = SpeculativeStats(prompt_tokens=old.prompt_tokens, draft=drafter.name)
 
@@ -209,7 +210,7 @@ class SpeculativeGeneration(Generation):
         (None, None) when generation ended."""
         s, st = self.session, self.stats
         left = min(self.max_new_tokens - st.generated_tokens, s.max_seq_len - len(s.tokens) - 1)
-        drafts, qs = self.drafter.propose(s.tokens + [token], min(self.drafter.max_draft,
+        drafts, qs = self.drafter.propose(s.tokens + [token], min(self.k,
                                                                    left - 1))
         drafts = drafts[:max(left - 1, 0)]
         base = len(s.tokens)
@@ -228,8 +229,19 @@ class SpeculativeGeneration(Generation):
                     return None, None
                 continue
             rewind(s, base + 1 + i)
+            self._adapt(i, len(drafts))
             return rows[i], self._residual(step, q, d)
+        self._adapt(len(drafts), len(drafts))
         return rows[len(drafts)], None
+
+    def _adapt(self, accepted: int, proposed: int) -> None:
+        """Ask for twice as many proposals after all were accepted, half as
+        many (at least one) after none was: checking a proposal costs a row
+        of every product, which a proposer that is often wrong wastes."""
+        if accepted == proposed:
+            self.k = min(self.drafter.max_draft, 2 * self.k)
+        elif accepted == 0:
+            self.k = max(1, self.k // 2)
 
     def _accepts(self, p: np.ndarray, q: Optional[np.ndarray], d: int) -> bool:
         """The acceptance test: with probability min(1, p(d) / q(d))."""
