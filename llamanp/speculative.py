@@ -209,7 +209,9 @@ class SpeculativeGeneration(Generation):
         when all were accepted, (logits, forced token) after a rejection, or
         (None, None) when generation ended."""
         s, st = self.session, self.stats
-        left = min(self.max_new_tokens - st.generated_tokens, s.max_seq_len - len(s.tokens) - 1)
+        left = s.max_seq_len - len(s.tokens) - 1     # positions after `token`, plus one
+        if self.max_new_tokens is not None:
+            left = min(left, self.max_new_tokens - st.generated_tokens)
         drafts, qs = self.drafter.propose(s.tokens + [token], min(self.k,
                                                                    left - 1))
         drafts = drafts[:max(left - 1, 0)]
