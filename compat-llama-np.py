@@ -20,6 +20,7 @@ import math
 import re
 import struct
 import sys
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,7 +36,7 @@ def fail(message):
 # Config: the model's hyper-parameters, from the .lmw header (spec §2.1)
 # ----------------------------------------------------------------------------
 
-MAGIC, VERSION, ALIGN = b"\x89LMW\r\n\x1a\n", 1, 64
+MAGIC, VERSIONS, ALIGN = b"\x89LMW\r\n\x1a\n", (1, 3), 64  # f32 files; 3 adds CRC-32s
 SIZES = "dim n_layers n_heads n_kv_heads head_dim hidden_dim vocab_size max_seq_len".split()
 DEFAULTS = dict(norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=2048,
                 tied_embeddings=False)
@@ -93,9 +94,11 @@ def read_lmw(path):
     except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
         fail(f"cannot open model {path}: {getattr(e, 'strerror', None) or e}")
     check(len(mm) >= 24 and bytes(mm[:8]) == MAGIC, "not an .lmw file (too short or no magic)")
-    _, version, reserved, hlen = struct.unpack("<8sIIQ", bytes(mm[:24]))
-    check(version == VERSION, f"format version {version}; this reader knows only {VERSION}")
-    check(reserved == 0 and 24 + hlen <= len(mm), "damaged preamble")
+    _, version, crc, hlen = struct.unpack("<8sIIQ", bytes(mm[:24]))
+    check(version in VERSIONS, f"format version {version}; this reader knows only {VERSIONS}")
+    check((crc == 0 or version == 3) and 24 + hlen <= len(mm), "damaged preamble")
+    # version 3: the header's CRC-32 (the tensors' ones are llamanp.verify's job)
+    check(version == 1 or zlib.crc32(bytes(mm[24:24 + hlen])) == crc, "damaged header (CRC-32)")
     try:
         header = json.loads(bytes(mm[24:24 + hlen]).decode("utf-8"))
     except ValueError:  # bad UTF-8 and bad JSON both are ValueErrors

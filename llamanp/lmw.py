@@ -8,8 +8,10 @@ temporary file beside the target, renamed at the end).
     offset  size  field
     0       8     magic  b"\\x89LMW\\r\\n\\x1a\\n"
     8       4     format version, uint32 little-endian (1: all tensors f32;
-                  2: some stored as f16, bf16 or q8_0, see llamanp/quant.py)
-    12      4     reserved, must be 0
+                  2: some stored as f16, bf16 or q8_0, see llamanp/quant.py;
+                  3: as 2, with a CRC-32 of the header and of every region)
+    12      4     version 3: CRC-32 of the header bytes, uint32 little-endian;
+                  versions 1 and 2: reserved, must be 0
     16      8     header length N, uint64 little-endian
     24      N     header: UTF-8 JSON object
     ...           zero padding up to the next multiple of 64: the data section
@@ -19,34 +21,43 @@ temporary file beside the target, renamed at the end).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 import tempfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from . import inputfile, quant
+from . import fileio, inputfile, quant
 from .config import Config
 from .errors import LlamanpError
 from .tokenizer import TokenizerData
 
 MAGIC = b"\x89LMW\r\n\x1a\n"
-VERSION = 2            # the newest version: tensors may be f32, f16, bf16 or q8_0
-F32_VERSION = 1        # what an all-f32 file is written as, so older readers keep reading it
-VERSIONS = (1, 2)      # the versions this module reads
+VERSION = 3            # the newest version, the one written: CRC-32s of every region
+QUANT_VERSION = 2      # from this version on, tensors may be f16, bf16 or q8_0
+CRC_VERSION = 3        # from this version on, the header and every region carry a CRC-32
+VERSIONS = (1, 2, 3)   # the versions this module reads
 ALIGN = 64
-PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, reserved, header length
+PREAMBLE = struct.Struct("<8sIIQ")  # magic, version, header CRC-32 (or 0), header length
 MAX_HEADER_BYTES = 64 << 20         # a sane bound before we try to parse JSON
+MAX_DIMS = 4                        # tensors are 1-D or 2-D; many more axes mean damage
+CRC_PLACEHOLDER = "0" * 8           # what the writer puts in the header before it knows
 
 # dtype names used in the tensor table (spec §3); version 1 files hold only f32
 DTYPES = quant.DTYPES
 
 
 # --- the tensors a model file must hold ------------------------------------------
+
+#: the tensors of each transformer block, in file order
+LAYER_TENSORS = ("attention_norm.weight", "attention.wqkv.weight", "attention.wo.weight",
+                 "ffn_norm.weight", "feed_forward.w13.weight", "feed_forward.w2.weight")
 
 def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor an .lmw for `cfg` holds, in file order, with its shape.
@@ -57,15 +68,13 @@ def expected_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     is what makes decoding fast, so the file stores them that way.
     """
     qkv_rows = cfg.q_dim + 2 * cfg.kv_dim
+    layer = dict(zip(LAYER_TENSORS, [(cfg.dim,), (qkv_rows, cfg.dim), (cfg.dim, cfg.q_dim),
+                                     (cfg.dim,), (2 * cfg.hidden_dim, cfg.dim),
+                                     (cfg.dim, cfg.hidden_dim)]))
     shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim)}
     for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (cfg.dim,)
-        shapes[p + "attention.wqkv.weight"] = (qkv_rows, cfg.dim)
-        shapes[p + "attention.wo.weight"] = (cfg.dim, cfg.q_dim)
-        shapes[p + "ffn_norm.weight"] = (cfg.dim,)
-        shapes[p + "feed_forward.w13.weight"] = (2 * cfg.hidden_dim, cfg.dim)
-        shapes[p + "feed_forward.w2.weight"] = (cfg.dim, cfg.hidden_dim)
+        for name, shape in layer.items():
+            shapes[f"layers.{i}.{name}"] = shape
     shapes["norm.weight"] = (cfg.dim,)
     if not cfg.tied_embeddings:
         shapes["output.weight"] = (cfg.vocab_size, cfg.dim)
@@ -101,6 +110,11 @@ class LmwFile:
     # read-only views into the mapping, no copies: f32 tensors as float32 arrays,
     # the others as quant.Packed (widened to float32 on demand)
     tensors: dict[str, "np.ndarray | quant.Packed"]
+    # where each region (tensors by name, and "tokenizer") is in the file, as
+    # (offset, nbytes), and the CRC-32 the header gives for it (version 3 on;
+    # loading does not check the tensors' ones, llamanp.verify does)
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    checksums: dict[str, int] = field(default_factory=dict)
 
     @property
     def dtypes(self) -> dict[str, str]:
@@ -112,11 +126,7 @@ class LmwFile:
 def read(path) -> LmwFile:
     """Open and validate `path`; raise LlamanpError with one clear line if bad."""
     path = str(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise LlamanpError(f"cannot open model {path}: {e.strerror}") from None
-    with f:
+    with fileio.open_regular(path, "model") as f:
         size = os.fstat(f.fileno()).st_size
         if size < PREAMBLE.size:
             raise LlamanpError(f"{path} is not an .lmw model file (too short: {size} bytes)")
@@ -133,7 +143,7 @@ def _bad(path, what) -> LlamanpError:
 
 
 def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
-    magic, version, reserved, hlen = PREAMBLE.unpack_from(mm, 0)
+    magic, version, header_crc, hlen = PREAMBLE.unpack_from(mm, 0)
     if magic != MAGIC:
         raise LlamanpError(f"{path} is not an .lmw model file (wrong magic); "
                            "convert checkpoints with convert.py first")
@@ -141,12 +151,17 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
         raise LlamanpError(f"{path} is .lmw format version {version}, but this llamanp "
                            f"reads versions {VERSIONS[0]} to {VERSIONS[-1]}; upgrade llamanp "
                            "or re-convert")
-    if reserved != 0:
+    if version < CRC_VERSION and header_crc != 0:
         raise _bad(path, "reserved preamble field is not zero")
     if hlen > MAX_HEADER_BYTES or PREAMBLE.size + hlen > size:
         raise _bad(path, f"header length {hlen} runs past the end of the file (truncated?)")
+    hbytes = bytes(mm[PREAMBLE.size:PREAMBLE.size + hlen])
+    # the header is small and everything depends on it: its CRC is checked on
+    # every load (the tensors' only by llamanp.verify, to keep loading mmap-fast)
+    if version >= CRC_VERSION and zlib.crc32(hbytes) != header_crc:
+        raise _bad(path, "the header's CRC-32 does not match")
     try:
-        header = inputfile.loads(bytes(mm[PREAMBLE.size:PREAMBLE.size + hlen]), "header")
+        header = inputfile.loads(hbytes, "header")
     except inputfile.JsonFileError as e:
         raise _bad(path, f"{e.where}: {e.problem}") from None
     if not isinstance(header, dict):
@@ -163,7 +178,9 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
         raise _bad(path, str(e)) from None
 
     regions = []  # (offset, nbytes, what) for the overlap / truncation checks
-    table = _read_tensor_table(path, version, header["tensors"], data_size, regions)
+    checksums = {}
+    table = _read_tensor_table(path, version, header["tensors"], data_size, regions,
+                               checksums)
     _check_expected(path, config, table)
 
     tokenizer = None
@@ -174,7 +191,12 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
         off, nbytes = _region(path, th, "tokenizer", data_size)
         regions.append((off, nbytes, "tokenizer"))
         blob = bytes(mm[data_start + off:data_start + off + nbytes])
-        fields = {k: v for k, v in th.items() if k not in ("offset", "nbytes")}
+        if version >= CRC_VERSION:
+            # read whole and parsed at every load anyway, so checked every time
+            checksums["tokenizer"] = _crc_field(path, th, "tokenizer")
+            if zlib.crc32(blob) != checksums["tokenizer"]:
+                raise _bad(path, "the tokenizer's CRC-32 does not match")
+        fields = {k: v for k, v in th.items() if k not in ("offset", "nbytes", "crc32")}
         try:
             tokenizer = TokenizerData.from_header(fields, blob)
         except LlamanpError as e:
@@ -190,7 +212,17 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> LmwFile:
     # only now, with everything checked, view the tensors in place
     tensors = {name: _view(mm, data_start + off, dtype, shape)
                for name, (dtype, shape, off) in table.items()}
-    return LmwFile(path, version, config, tokenizer, metadata, tensors)
+    places = {what.removeprefix("tensor "): (data_start + off, nbytes)
+              for off, nbytes, what in regions}
+    return LmwFile(path, version, config, tokenizer, metadata, tensors, places, checksums)
+
+
+def _crc_field(path, entry: dict, what: str) -> int:
+    """The CRC-32 of a region, as the header gives it: 8 lowercase hex digits."""
+    crc = entry.get("crc32")
+    if not (isinstance(crc, str) and len(crc) == 8 and all(c in "0123456789abcdef" for c in crc)):
+        raise _bad(path, f"{what} has no valid crc32 (8 hex digits)")
+    return int(crc, 16)
 
 
 def _view(mm, offset: int, dtype: str, shape: tuple):
@@ -228,8 +260,11 @@ def _region(path, entry: dict, what: str, data_size: int) -> tuple[int, int]:
     return off, nbytes
 
 
-def _read_tensor_table(path, version, table, data_size, regions) -> dict:
-    """Check every entry of the tensor table; return {name: (dtype, shape, offset)}."""
+def _read_tensor_table(path, version, table, data_size, regions, checksums) -> dict:
+    """Check every entry of the tensor table; return {name: (dtype, shape, offset)}.
+
+    Every size is checked with Python integers against the bytes the file
+    holds before numpy sees it, so no product of a shape can wrap around."""
     if not isinstance(table, list):
         raise _bad(path, "tensor table is not a list")
     tensors = {}
@@ -242,12 +277,17 @@ def _read_tensor_table(path, version, table, data_size, regions) -> dict:
         dtype = entry.get("dtype")
         if dtype not in DTYPES:
             raise _bad(path, f"tensor {name} has unknown dtype {dtype!r}")
-        if dtype != "f32" and version < 2:
+        if dtype != "f32" and version < QUANT_VERSION:
             raise _bad(path, f"tensor {name} is {dtype}, but a version {version} file "
                        "holds only f32")
         shape = entry.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and n > 0 for n in shape)):
-            raise _bad(path, f"tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(shape, list) and 0 < len(shape) <= MAX_DIMS
+                and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                        for n in shape)):
+            raise _bad(path, f"tensor {name} has an invalid shape {_short(shape)}")
+        if math.prod(shape) > data_size:   # every dtype takes at least a byte a value
+            raise _bad(path, f"tensor {name} has shape {_short(shape)}, more values than "
+                       "the file has bytes")
         if dtype != "f32" and len(shape) < 2:
             raise _bad(path, f"tensor {name} is 1-D and {dtype}; 1-D tensors are always f32")
         if dtype == "q8_0" and shape[-1] % quant.Q8_BLOCK:
@@ -259,11 +299,26 @@ def _read_tensor_table(path, version, table, data_size, regions) -> dict:
             raise _bad(path, f"tensor {name} has {nbytes} bytes, its shape needs {need} "
                        f"as {dtype}")
         regions.append((off, nbytes, f"tensor {name}"))
+        if version >= CRC_VERSION:
+            checksums[name] = _crc_field(path, entry, f"tensor {name}")
         tensors[name] = (dtype, tuple(shape), off)
     return tensors
 
 
+def _short(value, limit: int = 60) -> str:
+    """repr(value) for an error line, cut short; `value` comes from JSON, so it
+    is small enough to format whole (the header is bounded)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_expected(path, config: Config, table: dict) -> None:
+    # the layer count sizes the table of expected shapes: check it against the
+    # tensors present first, so that a huge one costs nothing
+    per_file = 2 + (0 if config.tied_embeddings else 1)
+    if config.n_layers > (len(table) - per_file) // len(LAYER_TENSORS):
+        raise _bad(path, f"the config has {config.n_layers} layers, but the file holds "
+                   f"{len(table)} tensors, too few for them")
     want = expected_shapes(config)
     missing = [n for n in want if n not in table]
     if missing:
@@ -334,14 +389,16 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         kind = stored_dtype(dtype, t.shape)
         nbytes = quant.nbytes(kind, t.shape)
         table.append({"name": t.name, "dtype": kind, "shape": list(t.shape),
-                      "offset": end, "nbytes": nbytes})
+                      "offset": end, "nbytes": nbytes, "crc32": CRC_PLACEHOLDER})
         end = _align(end + nbytes)
-    version = F32_VERSION if all(e["dtype"] == "f32" for e in table) else VERSION
     header = {"config": config.to_dict(), "tensors": table, "metadata": metadata or {}}
     blob = b""
     if tokenizer is not None:
         blob = tokenizer.data
-        header["tokenizer"] = dict(tokenizer.header(), offset=end, nbytes=len(blob))
+        header["tokenizer"] = dict(tokenizer.header(), offset=end, nbytes=len(blob),
+                                   crc32=f"{zlib.crc32(blob):08x}")
+    # the CRCs are known only once the tensors are written: the header goes out
+    # with placeholders of the same width first, and is rewritten in place
     hbytes = json.dumps(header, indent=1).encode("utf-8")
     data_start = _align(PREAMBLE.size + len(hbytes))
 
@@ -352,7 +409,7 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         raise LlamanpError(f"cannot write in {directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(PREAMBLE.pack(MAGIC, version, 0, len(hbytes)))
+            f.write(PREAMBLE.pack(MAGIC, VERSION, 0, len(hbytes)))
             f.write(hbytes)
             _pad_to(f, data_start)
             for i, (t, entry) in enumerate(zip(tensors, table)):
@@ -363,11 +420,12 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
                 if arr.shape != tuple(t.shape):
                     raise LlamanpError(f"tensor {t.name}: source gave shape "
                                        f"{list(arr.shape)}, expected {list(t.shape)}")
-                _write_encoded(f, t.name, arr, entry)
+                entry["crc32"] = f"{_write_encoded(f, t.name, arr, entry):08x}"
                 del arr   # free it before the next tensor is produced
             if tokenizer is not None:
                 _pad_to(f, data_start + header["tokenizer"]["offset"])
                 f.write(blob)
+            _rewrite_header(f, header, len(hbytes))
             if progress:
                 progress(len(tensors), len(tensors), "")
             f.flush()
@@ -382,17 +440,33 @@ def write(path, config: Config, tensors: Iterable[TensorSource],
         raise
 
 
-def _write_encoded(f, name: str, arr: np.ndarray, entry: dict) -> None:
-    """Write `arr` encoded as entry["dtype"], exactly entry["nbytes"] bytes."""
-    written = 0
+def _write_encoded(f, name: str, arr: np.ndarray, entry: dict) -> int:
+    """Write `arr` encoded as entry["dtype"], exactly entry["nbytes"] bytes;
+    return their CRC-32, computed piece by piece as they go out."""
+    written, crc = 0, 0
     try:
         for piece in quant.encode_stream(arr, entry["dtype"]):
-            written += f.write(memoryview(np.ascontiguousarray(piece)).cast("B"))
+            raw = memoryview(np.ascontiguousarray(piece)).cast("B")
+            crc = zlib.crc32(raw, crc)
+            written += f.write(raw)
     except LlamanpError as e:
         raise LlamanpError(f"tensor {name}: {e}") from None
     if written != entry["nbytes"]:
         raise LlamanpError(f"internal: tensor {name} took {written} bytes, "
                            f"not {entry['nbytes']}")
+    return crc
+
+
+def _rewrite_header(f, header: dict, length: int) -> None:
+    """Put the header, its CRCs now filled in, over the placeholder one."""
+    hbytes = json.dumps(header, indent=1).encode("utf-8")
+    if len(hbytes) != length:
+        raise LlamanpError("internal: the .lmw header changed length when its CRCs were set")
+    end = f.tell()
+    f.seek(0)
+    f.write(PREAMBLE.pack(MAGIC, VERSION, zlib.crc32(hbytes), length))
+    f.write(hbytes)
+    f.seek(end)
 
 
 def _umask() -> int:

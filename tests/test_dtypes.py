@@ -16,6 +16,7 @@ import math
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,9 @@ def test_widening_is_exact_in_every_kvcache_mode(store, tiny_models, c, dtype):
 def test_which_tensors_are_compact(tiny_models):
     for (cid, dtype), (path, twin) in tiny_models.items():
         f = lmw.read(path)
-        assert f.version == 2 and lmw.read(twin).version == 1
+        # every file is written as the newest version, which carries CRC-32s
+        # (tests/test_lmw_integrity.py reads older versions)
+        assert f.version == lmw.VERSION == 3 and lmw.read(twin).version == 3
         for name, kind in f.dtypes.items():
             if name.endswith("norm.weight"):
                 assert kind == "f32", name          # 1-D tensors are always f32
@@ -276,6 +279,9 @@ def _edit_header(data: bytearray, edit) -> None:
     new = json.dumps(header).encode()     # compact: never longer than the writer's
     assert len(new) <= hlen
     data[24:24 + hlen] = new + b" " * (hlen - len(new))
+    # re-seal the header's CRC-32, as a crafted file would, so that the check
+    # under test is reached
+    struct.pack_into("<I", data, 12, zlib.crc32(bytes(data[24:24 + hlen])))
 
 
 def _entry(header, name):
@@ -299,7 +305,7 @@ DAMAGE = {
     "infinite-scale": (_set_scale(W2, 0x7C00), W2),
     "nan-scale": (_set_scale(W2, 0x7E00), W2),
     "negative-scale": (_set_scale(W2, 0xBC00), W2),
-    "q8_0-in-version-1": (lambda d: struct.pack_into("<I", d, 8, 1), "version 1"),
+    "q8_0-in-version-1": (lambda d: struct.pack_into("<II", d, 8, 1, 0), "version 1"),
     "bf16-norm": (lambda d: _edit_header(d, lambda h: _entry(h, "norm.weight").update(
         dtype="bf16")), "norm.weight"),
 }

@@ -30,6 +30,7 @@ error line listing what is allowed) and builds.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,8 +264,12 @@ def reserve(shape, dtype=np.float32) -> np.ndarray:
     """
     import mmap
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    buf = mmap.mmap(-1, max(count, 1) * dtype.itemsize)
+    count = math.prod(shape)   # Python ints: a huge context cannot wrap around
+    try:
+        buf = mmap.mmap(-1, max(count, 1) * dtype.itemsize)
+    except (OSError, OverflowError, ValueError):
+        raise LlamanpError(f"cannot reserve {count * dtype.itemsize / 2**30:.3g} GiB for the "
+                           "KV cache; pass a smaller --seqlength") from None
     return np.frombuffer(buf, dtype, count).reshape(shape)
 
 
