@@ -42,6 +42,10 @@ from .kvcache.paged import held_nbytes
 from .model import Model, Session
 from .sampling import descending, log_softmax
 
+#: the most beams a search may keep: each is a forked KV cache and a row of
+#: every matrix product, so a million of them only runs out of memory
+MAX_BEAMS = 64
+
 
 class Beam(NamedTuple):
     """A finished hypothesis: `ids` continue the prompt (ending with the stop id
@@ -108,8 +112,9 @@ def best_reachable_score(logprob: float, length: int, max_length: int,
 
 
 def check_beam_args(beams, max_new_tokens, length_penalty) -> None:
-    if not (isinstance(beams, int) and not isinstance(beams, bool) and beams >= 1):
-        raise LlamanpError(f"the number of beams must be an integer >= 1, got {beams}")
+    if not (isinstance(beams, int) and not isinstance(beams, bool) and 1 <= beams <= MAX_BEAMS):
+        raise LlamanpError(f"the number of beams must be an integer from 1 to {MAX_BEAMS}, "
+                           f"got {beams}")
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
         raise LlamanpError(f"the number of tokens to generate must be >= 0, got {max_new_tokens}")
     if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import __version__, speedup
+from . import __version__, fileio, speedup
 from .beam import Beam, beam_score, beam_search, check_beam_args
 from .cliutil import ArgumentParser, prog_name, run_main
 from .console import add_chat_arguments, run_chat_from_args
@@ -26,6 +26,7 @@ from .kvcache import STRATEGIES, check_spec
 from .model import Model, load
 from .sampling import Sampler, SamplingStep, check_sampling, softmax
 from .tokenizer import Tokenizer, load_tokenizer
+from .verify import add_verify_arguments, verify
 
 DEFAULT_N_TOKENS = 256   # -n, when completing text and per chat answer
 MAX_STDIN_PROMPT = 16 << 20   # bytes of prompt read from stdin at most
@@ -145,6 +146,7 @@ def build_parser(prog: Optional[str] = None) -> ArgumentParser:
                    "(with --chat: one JSON line per turn)")
     add_chat_arguments(p)
     speedup.add_speed_arguments(p)
+    add_verify_arguments(p)
     return p
 
 
@@ -169,13 +171,7 @@ def read_prompt(args) -> str:
             raise LlamanpError("no prompt: stdin was empty; give one with -i TEXT or -f FILE, "
                                "or talk with --chat")
     elif args.file is not None:
-        try:
-            text = Path(args.file).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise LlamanpError(f"prompt file {args.file} is not valid UTF-8 text "
-                               f"(byte {e.object[e.start]:#04x} at offset {e.start})") from None
-        except OSError as e:
-            raise LlamanpError(f"cannot read prompt file {args.file}: {e.strerror}") from None
+        text = fileio.read_text(args.file, "prompt file")
     else:
         text = args.prompt
     if text == "":
@@ -244,6 +240,8 @@ def summary(stats: GenerationStats, kvcache: str, fill1: bool, seed: int) -> dic
 def check_args(args) -> None:
     """Refuse bad values before the model is even opened."""
     speedup.check_speed_args(args)
+    fileio.check_output(args.stats_json, "statistics file")
+    fileio.check_output(args.sampler_history, "sampler history")
     tok = args.tokenizer
     if tok is not None and tok.isdigit() and not Path(tok).exists():
         raise LlamanpError(f"-t is the tokenizer file here, and there is no file {tok}; "
@@ -276,6 +274,8 @@ def check_args(args) -> None:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verify:
+        return verify(args.weights)
     kvcache = kvcache_choice(args)
     check_args(args)
     apply_threads(args.threads)
@@ -328,10 +328,7 @@ def refuse_with_json(args) -> None:
 
 def write_stats(args, stats: dict) -> None:
     if args.stats_json:
-        try:
-            Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
-        except OSError as e:
-            raise LlamanpError(f"cannot write {args.stats_json}: {e.strerror}") from None
+        fileio.write_text(args.stats_json, "statistics file", json.dumps(stats, indent=2) + "\n")
 
 
 def apply_threads(n: Optional[int]) -> None:
@@ -549,10 +546,7 @@ def token_text(tok: Tokenizer, id: int) -> str:
 def open_history(path: Optional[str]):
     if path is None:
         return None
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as e:
-        raise LlamanpError(f"cannot write {path}: {e.strerror}") from None
+    return fileio.open_output(path, "sampler history")
 
 
 class Chooser:

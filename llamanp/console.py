@@ -74,7 +74,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import inputfile
+from . import fileio, inputfile
 from .chat import TEMPLATE_NAMES, ChatTemplate, check_messages, choose_template
 from .errors import LlamanpError
 from .kvcache import require
@@ -588,10 +588,7 @@ def run_chat(model, sampler_factory: Callable, system: Optional[str] = None,
     chat = Chat(model, template, kvcache, max_seq_len, context_policy, system)
     stats_file = None
     if stats_json is not None:
-        try:
-            stats_file = open(stats_json, "w", encoding="utf-8")
-        except OSError as e:
-            raise LlamanpError(f"cannot write {stats_json}: {e.strerror}") from None
+        stats_file = fileio.open_output(stats_json, "statistics file")
     try:
         console = Console(chat, sampler_factory, input, output, stats_file, max_new_tokens)
         return console.run() if message is None else console.answer_one(message)

@@ -40,11 +40,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
+from . import fileio
 from .errors import LlamanpError
 from .kvcache import check_spec, make_cache
 from .model import Model
@@ -214,10 +214,7 @@ def check_ids(model: Model, ids) -> np.ndarray:
 
 def read_text(path: str) -> str:
     """The contents of a UTF-8 text file, refusing a missing, empty or binary one."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise LlamanpError(f"cannot read {path}: {e.strerror}") from None
+    data = fileio.read_bytes(path, "text file", fileio.TEXT_LIMIT)
     if not data:
         raise LlamanpError(f"{path} is empty; perplexity needs some text")
     try:

@@ -34,6 +34,24 @@ from .errors import LlamanpError
 MIROSTAT_M = 100   # Mirostat v1 estimates the Zipf exponent from the top m probabilities
 
 
+# -- temperature ---------------------------------------------------------------------
+
+def scaled(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """logits / temperature, the softmax's input.
+
+    A tiny temperature (1e-320, say) overflows the division to infinities,
+    and softmax(inf - inf) is NaN. Shifted so that the largest is 0 first, the
+    logits divide into 0 for the top and -inf for the far ones, the same
+    softmax and its correct limit: greedy as temperature -> 0. The shift is
+    made only then, so ordinary temperatures keep their exact numbers.
+    """
+    with np.errstate(over="ignore"):
+        z = logits / temperature
+        if not np.isfinite(z).all() and np.isfinite(logits).all():
+            z = (logits - logits.max()) / temperature
+    return z
+
+
 # -- validation ----------------------------------------------------------------------
 
 def _is_number(x) -> bool:
@@ -140,7 +158,8 @@ def mirostat_v1_k(logp_sorted: np.ndarray, mu: float, n_vocab: int,
     s_hat = sum t_i b_i / sum t_i^2 with t_i = ln((i+1)/i), b_i = ln(p_i/p_{i+1}).
     Then k = (eps 2^mu / (1 - N^-eps))^(1/s_hat) with eps = s_hat - 1.
     """
-    n = min(m, len(logp_sorted))
+    # only tokens that can be drawn: a tiny temperature leaves zeros (log -inf)
+    n = int(np.isfinite(logp_sorted[:m]).sum())
     i = np.arange(1, n, dtype=np.float64)                    # ranks 1..n-1
     t = np.log((i + 1) / i)
     b = logp_sorted[:n - 1] - logp_sorted[1:n]
@@ -228,7 +247,7 @@ class Sampler:
                                    self.frequency_penalty, self.presence_penalty)
         if self.temperature == 0:
             return adjusted, one_hot(len(adjusted), int(np.argmax(adjusted)))
-        z = adjusted / self.temperature
+        z = scaled(adjusted, self.temperature)
         if self.mirostat == 1:
             return adjusted, self.mirostat_v1(z)
         if self.mirostat == 2:

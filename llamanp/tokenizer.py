@@ -30,11 +30,13 @@ import base64
 import binascii
 import codecs
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from . import fileio
 from .errors import LlamanpError
 
 # -- Llama 3 constants (facts from Meta's reference tokenizer) ---------------
@@ -176,12 +178,9 @@ class TokenizerData:
 def read_tokenizer_file(path) -> TokenizerData:
     """Read a tokenizer file, telling SentencePiece, tiktoken and tokenizer.bin apart by content."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise LlamanpError(f"tokenizer file {path} does not exist; {_SUPPORTED}") from None
-    except OSError as e:
-        raise LlamanpError(f"cannot read tokenizer file {path}: {e.strerror}") from None
+    if not os.path.lexists(path):
+        raise LlamanpError(f"tokenizer file {path} does not exist; {_SUPPORTED}")
+    data = fileio.read_bytes(path, "tokenizer file", fileio.TOKENIZER_LIMIT)
 
     # llama2c_tokenizer builds on this module, so it is imported here, when needed.
     from .llama2c_tokenizer import looks_like_tokenizer_bin, tokenizer_bin_data
