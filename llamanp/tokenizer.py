@@ -296,7 +296,7 @@ def _load_sentencepiece(data: bytes, source: str):
 
     try:
         sp = sentencepiece.SentencePieceProcessor(model_proto=data)
-    except (RuntimeError, OSError):
+    except (RuntimeError, OSError, ValueError):   # ValueError: a damaged string's UTF-8
         sp = None
     if sp is None or sp.vocab_size() == 0:
         raise LlamanpError(f"{source} is not a valid SentencePiece model; {_SUPPORTED}")
