@@ -427,6 +427,10 @@ def run_case(job: dict, fmt: str, index: int, seed: int, work: Path, baseline) -
     canary = os.environ.get(CANARY)
     if canary and os.path.exists(canary):
         return dict(record, outcome="fail", why="a pickle ran code (canary file exists)")
+    if fmt not in ("tokenizer", "chat", "lmw"):
+        left = sorted(p.name for p in out_dir.iterdir())
+        if left != ["model.lmw"]:
+            return dict(record, outcome="fail", why=f"files beside the output: {left}")
     if result == baseline:
         return dict(record, outcome="same", path=str(src))
     if not may_change:
