@@ -1,6 +1,6 @@
 """Low-precision storage: encoding float32 weights, widening them back.
 
-An .lmw file (version 2, docs/lmw-format.md §3) may store its matrices in
+An .lmw file (version 2 on, docs/lmw-format.md §3) may store its matrices in
 fewer bits than float32; the arithmetic stays float32. This module is the
 whole of that: the encoders the writer uses, and the decoders ("widening")
 the model uses, layer by layer, just before the matrix products.
@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import LlamanpError
 
-#: the element types an .lmw tensor may have; all but f32 need format version 2
+#: the element types an .lmw tensor may have; all but f32 need format version 2 or later
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 #: q8_0 groups this many consecutive values of a row under one scale
 Q8_BLOCK = 32

@@ -83,14 +83,20 @@ def verify(path, out=None) -> int:
         where = "" if c.ok else f" (CRC-32 {c.actual:08x}, header says {c.expected:08x})"
         print(f"{status} {c.name} [{_size(c.nbytes)}]{where}", file=out, flush=True)
 
+    checks = require_intact(model, report)
+    print(f"{path}: all {len(checks)} regions match their CRC-32s", file=out)
+    return 0
+
+
+def require_intact(model: lmw.LmwFile, report=None) -> list[RegionCheck]:
+    """check_regions, raising one line that names the damaged tensors if any."""
     checks = check_regions(model, report)
     bad = [c.name for c in checks if not c.ok]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise LlamanpError(f"{path} is damaged: the data of {bad[0]}{more} does not match "
-                           f"its CRC-32; re-convert or re-download it")
-    print(f"{path}: all {len(checks)} regions match their CRC-32s", file=out)
-    return 0
+        raise LlamanpError(f"{model.path} is damaged: the data of {bad[0]}{more} does not "
+                           "match its CRC-32; re-convert or re-download it")
+    return checks
 
 
 def _size(n: int) -> str:

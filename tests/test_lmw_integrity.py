@@ -7,6 +7,7 @@ versions, rebuilt here from a new file by the spec, must still load.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import subprocess
@@ -186,3 +187,22 @@ def test_reserve_failure_is_one_line():
     from llamanp.kvcache.base import reserve
     with pytest.raises(LlamanpError, match="cannot reserve .* for the KV cache; pass a smaller"):
         reserve((2, 4, 8, 2**62))    # 2**70 bytes: more than an address space holds
+
+
+def test_converting_a_damaged_lmw_is_refused(model, tmp_path):
+    """convert.py reads .lmw files too; it reads every byte, so it checks them."""
+    f = lmw.read(model)
+    offset, _ = f.regions["layers.1.feed_forward.w13.weight"]
+    data = bytearray(model.read_bytes())
+    data[offset + 3] ^= 0x40
+    bad = tmp_path / "bad.lmw"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, _, err = run_cli("convert.py", bad, out / "again.lmw", "--dtype", "q8_0")
+    assert rc == 1 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith("error:") and "layers.1.feed_forward.w13.weight" in err
+    assert list(out.iterdir()) == []
+    rc, _, err = run_cli("convert.py", model, out / "again.lmw", "--dtype", "q8_0")
+    assert rc == 0, err
+    assert verify.verify(out / "again.lmw", out=io.StringIO()) == 0

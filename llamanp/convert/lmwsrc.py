@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .. import lmw
+from ..verify import require_intact
 from .checkpoint import Checkpoint, SourceTensor
 
 
@@ -28,6 +29,9 @@ def _rows(t, start: int, stop: int) -> Callable[[], np.ndarray]:
 
 def read_lmw(path) -> Checkpoint:
     f = lmw.read(path)
+    # every byte is read to convert anyway: check the CRC-32s first (version 3),
+    # so that a damaged tensor is refused instead of copied
+    require_intact(f)
     cfg, stored = f.config, f.tensors
     tensors = {}
     for name, t in stored.items():
