@@ -22,6 +22,7 @@ from .cliutil import ArgumentParser, prog_name, run_main
 from .console import add_chat_arguments, run_chat_from_args
 from .errors import LlamanpError
 from .generate import STOP_REASONS, Generation, GenerationStats, TokenLogprobs, check_stop_strings
+from .inspect.cli import add_inspect_arguments, check_inspect_args, inspecting, run_inspect
 from .kvcache import STRATEGIES, check_spec
 from .model import Model, load
 from .sampling import Sampler, SamplingStep, check_sampling, softmax
@@ -147,6 +148,7 @@ def build_parser(prog: Optional[str] = None) -> ArgumentParser:
     add_chat_arguments(p)
     speedup.add_speed_arguments(p)
     add_verify_arguments(p)
+    add_inspect_arguments(p)
     return p
 
 
@@ -278,6 +280,7 @@ def main(argv: Optional[list] = None) -> int:
         return verify(args.weights)
     kvcache = kvcache_choice(args)
     check_args(args)
+    check_inspect_args(args)
     apply_threads(args.threads)
     if args.seed is None or args.seed == -1:
         args.seed = random.randrange(2**31)
@@ -308,6 +311,8 @@ def main(argv: Optional[list] = None) -> int:
     check_seqlength(args, model)
 
     ids = model.tokenizer.encode(prompt, bos=True)   # BOS where the model has one
+    if inspecting(args):
+        return run_inspect(args, model, ids)
     if args.beams is not None:
         stats = run_beams(args, model, prompt, ids, kvcache)
     else:

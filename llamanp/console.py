@@ -151,7 +151,8 @@ class Chat:
 
     def __init__(self, model, template=None, kvcache: str = "inplace",
                  max_seq_len: Optional[int] = None,
-                 context_policy: str = DEFAULT_CONTEXT_POLICY, system: Optional[str] = None):
+                 context_policy: str = DEFAULT_CONTEXT_POLICY, system: Optional[str] = None,
+                 hooks=None):
         if context_policy not in CONTEXT_POLICIES:
             raise LlamanpError(f"unknown context policy {context_policy!r}; choose one of "
                                f"{', '.join(CONTEXT_POLICIES)}")
@@ -160,7 +161,7 @@ class Chat:
         self.tokenizer = self.template.tokenizer
         self.model = model
         self.context_policy = context_policy
-        self.session = model.session(kvcache, max_seq_len)
+        self.session = model.session(kvcache, max_seq_len, hooks)   # see llamanp.inspect
         if context_policy == "drop-oldest":   # it forgets by truncating the cache
             require(self.session.cache, "--context-policy drop-oldest", truncates=True)
         self.messages: list[dict] = []

@@ -143,7 +143,8 @@ class Generation:
     by returning None.
     `max_new_tokens=None` sets no limit: it runs to a stop or a full context.
     `prompt_ids` may also be text, encoded with the model's tokenizer (see
-    prompt_token_ids); `.prompt_ids` holds the ids.
+    prompt_token_ids); `.prompt_ids` holds the ids. `hooks`
+    (see llamanp.inspect) run in every forward pass, prompt and each step.
     """
 
     def __init__(self, model: Model, prompt_ids, max_new_tokens: Optional[int],
@@ -151,7 +152,8 @@ class Generation:
                  kvcache: str = "inplace", fill1: bool = False,
                  stop_ids: Optional[Iterable[int]] = None, max_seq_len: Optional[int] = None,
                  *, stop=(), max_time: Optional[float] = None, logprobs: int = 0,
-                 choose: Optional[Callable[[SamplingStep], Optional[int]]] = None):
+                 choose: Optional[Callable[[SamplingStep], Optional[int]]] = None,
+                 hooks=None):
         prompt_ids = prompt_token_ids(model, prompt_ids)
         if not prompt_ids:
             raise LlamanpError("the prompt is empty; give at least one token")
@@ -171,7 +173,7 @@ class Generation:
         if stop and tok is None:
             raise LlamanpError("stop strings need a tokenizer to decode the text; load the "
                                "model with one")
-        self.session = model.session(kvcache, max_seq_len)
+        self.session = model.session(kvcache, max_seq_len, hooks)
         ctx = self.session.max_seq_len
         if len(prompt_ids) > ctx:
             raise LlamanpError(f"the prompt is {len(prompt_ids)} tokens but the context is "
@@ -317,7 +319,7 @@ def generate(model: Model, prompt_ids, max_new_tokens: Optional[int],
              mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
              seed: Optional[int] = None, stop=(), stop_ids: Optional[Iterable[int]] = None,
              max_time: Optional[float] = None, kvcache: str = "inplace", fill1: bool = False,
-             max_seq_len: Optional[int] = None, logprobs: int = 0) -> Generation:
+             max_seq_len: Optional[int] = None, logprobs: int = 0, hooks=None) -> Generation:
     """Generate up to `max_new_tokens` ids after `prompt_ids` (an iterator).
 
     `prompt_ids` is a list of ids, or text (encoded by the model's tokenizer,
@@ -326,7 +328,8 @@ def generate(model: Model, prompt_ids, max_new_tokens: Optional[int],
     Sampling is described in llamanp.sampling (temperature 0 = greedy). Stops
     early at any of `stop_ids` (default: the tokenizer's end-of-sequence ids;
     pass () to never stop early), at a stop string (`stop`; read the text from
-    `.text`), after `max_time` seconds, or when the context is full.
+    `.text`), after `max_time` seconds, or when the context is full. `hooks`
+    ([(name or predicate, fn)], see llamanp.inspect) hold through the whole run.
     """
     sampler = Sampler(temperature, top_k, top_p, seed, min_p=min_p,
                       repetition_penalty=repetition_penalty,
@@ -334,4 +337,5 @@ def generate(model: Model, prompt_ids, max_new_tokens: Optional[int],
                       repeat_last_n=repeat_last_n, mirostat=mirostat,
                       mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta)
     return Generation(model, prompt_ids, max_new_tokens, sampler, kvcache, fill1, stop_ids,
-                      max_seq_len, stop=stop, max_time=max_time, logprobs=logprobs)
+                      max_seq_len, stop=stop, max_time=max_time, logprobs=logprobs,
+                      hooks=hooks)

@@ -610,15 +610,17 @@ class Model:
         return sum(b.nbytes for b in self._buffers.values()) + self._scratch.nbytes
 
     # -- the forward pass ----------------------------------------------------------
-    def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1) -> np.ndarray:
+    def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1,
+                hooks=None) -> np.ndarray:
         """Run `tokens` (at positions start, start+1, ...) through the model.
 
         Keys and values go into `cache`; returns the logits of the last
         `n_logits` positions, float32 [n_logits, vocab].
         """
-        return self.forward_batch(tokens, [Segment(cache, start, len(tokens))], n_logits)
+        return self.forward_batch(tokens, [Segment(cache, start, len(tokens))], n_logits, hooks)
 
-    def forward_batch(self, tokens, segments: list["Segment"], n_logits: int = 1) -> np.ndarray:
+    def forward_batch(self, tokens, segments: list["Segment"], n_logits: int = 1,
+                      hooks=None) -> np.ndarray:
         """A ragged batch: several sequences' new tokens, concatenated.
 
         Segment j owns the next segments[j].n tokens. Everything but attention
@@ -631,6 +633,10 @@ class Model:
         positions: every layer's keys and values are needed (they go into the
         cache), but the other rows' outputs of the last layer would only feed
         logits nobody asked for (llama.cpp skips them the same way).
+
+        `hooks` (a llamanp.inspect.HookSet, or None) is called with the value
+        at each named point (embed, blocks.{i}.resid_pre, ...); a hook may
+        change the value in place. See llamanp.inspect.
         """
         cfg = self.config
         T = len(tokens)
@@ -644,6 +650,8 @@ class Model:
 
         n_logits = min(n_logits, min(s.n for s in segments))
         x = self.embed(tokens)                                       # [T, dim], a copy
+        if hooks:
+            hooks("embed", x)
         # the run state: one array per role, reused by every layer
         work = self._work
         h = work.take("normed", (T, cfg.dim))
@@ -654,23 +662,57 @@ class Model:
         delta = work.take("delta", (T, cfg.dim))
         for i in range(cfg.n_layers):
             layer = self._streamed[i] if T == 1 else self.layer_weights(i)
+            if hooks:
+                hooks.block(i, resid_pre=x)
             # attention block: q and k are rotated together, in one call
-            linear(rmsnorm(x, layer.attention_norm, eps, out=h), layer.wqkv_t, out=qkv)
+            rmsnorm(x, layer.attention_norm, eps, out=h)
+            if hooks:
+                hooks.block(i, attn_in=h)
+            linear(h, layer.wqkv_t, out=qkv)
             apply_rope(qkv[:, :k_end].reshape(T, n_qk, cfg.head_dim), rot, out=qk)
+            q, k = qk[:, :cfg.n_heads], qk[:, cfg.n_heads:]
             v = qkv[:, k_end:].reshape(T, cfg.n_kv_heads, cfg.head_dim)
-            last = n_logits if i == cfg.n_layers - 1 else None
-            mixed = self._attend(i, qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], v,
-                                 segments, last)
+            if hooks:
+                hooks.block(i, q=q, k=k, v=v)
+            # (hooks see every row of every layer: the last one is not cut short)
+            last = n_logits if i == cfg.n_layers - 1 and not hooks else None
+            mixed = self._attend(i, q, k, v, segments, last, hooks)
             if len(mixed) < len(x):    # the last layer: only the wanted rows go on
                 x = x[self._last_rows(segments, n_logits)]
             n = len(x)
-            x += linear(mixed, layer.wo_t, out=delta[:n])
+            attn_out = linear(mixed, layer.wo_t, out=delta[:n])
+            if hooks:
+                hooks.block(i, attn_out=attn_out)
+            x += attn_out
+            if hooks:
+                hooks.block(i, resid_mid=x)
             # feed-forward block (SwiGLU)
-            linear(rmsnorm(x, layer.ffn_norm, eps, out=h[:n]), layer.w13_t, out=gate_up[:n])
-            x += linear(swiglu(gate_up[:n], H, out=act[:n]), layer.w2_t, out=delta[:n])
+            rmsnorm(x, layer.ffn_norm, eps, out=h[:n])
+            if hooks:
+                hooks.block(i, mlp_in=h[:n])
+            linear(h[:n], layer.w13_t, out=gate_up[:n])
+            if hooks:
+                hooks.block(i, gate=gate_up[:n, :H], up=gate_up[:n, H:])
+            swiglu(gate_up[:n], H, out=act[:n])
+            if hooks:
+                hooks.block(i, act=act[:n])
+            mlp_out = linear(act[:n], layer.w2_t, out=delta[:n])
+            if hooks:
+                hooks.block(i, mlp_out=mlp_out)
+            x += mlp_out
+            if hooks:
+                hooks.block(i, resid_post=x)
+        if hooks:
+            x = x[self._last_rows(segments, n_logits)]
         for s in segments:
             s.cache.advance(s.n)
-        return self.output_logits(rmsnorm(x, self.norm, eps))
+        normed = rmsnorm(x, self.norm, eps)
+        if hooks:
+            hooks("final_norm", normed)
+        logits = self.output_logits(normed)
+        if hooks:
+            hooks("logits", logits)
+        return logits
 
     @staticmethod
     def _last_rows(segments, n: int) -> np.ndarray:
@@ -678,19 +720,23 @@ class Model:
         ends = np.cumsum([s.n for s in segments])
         return np.concatenate([np.arange(e - n, e) for e in ends])
 
-    def _attend(self, layer: int, q, k, v, segments, last: Optional[int] = None) -> np.ndarray:
+    def _attend(self, layer: int, q, k, v, segments, last: Optional[int] = None,
+                hooks=None) -> np.ndarray:
         """Store each segment's keys/values in its cache and attend over them:
-        all of a segment's queries, or (`last`) only its last ones."""
+        all of a segment's queries, or (`last`) only its last ones. Hooks on
+        the attention's insides get a plain attention that shows them."""
+        attend = hooks.attention(layer) if hooks and hooks.inside_attention(layer) else attention
+
         def one(s, q, k, v):
             keys, values = s.cache.update(layer, k, v)
             before = keys.shape[2] - s.n       # keys held before this block
             if not s.cache.wants_weights:
                 skip = 0 if last is None else s.n - last
-                return attention(q[skip:], keys, values, before + skip, self._work)
+                return attend(q[skip:], keys, values, before + skip, self._work)
             # a strategy that reads the weights sees every query's
             def observe(weights, sums, first):
                 s.cache.observe(layer, weights, sums, first, s.n)
-            out = attention(q, keys, values, before, self._work, observe)
+            out = attend(q, keys, values, before, self._work, observe)
             return out if last is None else out[s.n - last:]
         if len(segments) == 1:
             return one(segments[0], q, k, v)
@@ -703,13 +749,26 @@ class Model:
         return out
 
     # -- conveniences ---------------------------------------------------------------
-    def session(self, kvcache: str = "inplace", max_seq_len: Optional[int] = None) -> "Session":
-        return Session(self, kvcache, max_seq_len)
+    def session(self, kvcache: str = "inplace", max_seq_len: Optional[int] = None,
+                hooks=None) -> "Session":
+        return Session(self, kvcache, max_seq_len, hooks)
 
     def logits(self, ids, kvcache: str = "inplace", fill1: bool = False) -> np.ndarray:
         """Logits for every position of `ids`, float32 [len(ids), vocab], fresh state."""
         return self.session(kvcache, max_seq_len=max(len(ids), 1)).feed(
             ids, fill1=fill1, all_logits=True)
+
+    def run_with_hooks(self, ids, hooks) -> np.ndarray:
+        """Logits of every position of `ids` ([len(ids), vocab]) from one forward
+        pass with `hooks` = [(name or predicate, fn(value, name))]; see llamanp.inspect."""
+        from .inspect import run_with_hooks  # imported on use, as chat is
+        return run_with_hooks(self, ids, hooks)
+
+    def run_with_cache(self, ids, names=None, hooks=()):
+        """(logits, {hook point: a copy of its value}) from one forward pass over
+        `ids`; `names`: None (all), a list of hook points or a predicate."""
+        from .inspect import run_with_cache
+        return run_with_cache(self, ids, names, hooks)
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True,
                     template=None) -> list:
@@ -726,10 +785,11 @@ PREFILL_BATCH = 512
 
 
 class Session:
-    """The run state of one sequence: its tokens so far and its KV cache."""
+    """The run state of one sequence: its tokens so far and its KV cache, and
+    the hooks (llamanp.inspect) that every forward pass of it calls."""
 
     def __init__(self, model: Model, kvcache: str = "inplace",
-                 max_seq_len: Optional[int] = None):
+                 max_seq_len: Optional[int] = None, hooks=None):
         limit = model.config.max_seq_len
         self.max_seq_len = limit if max_seq_len is None else max_seq_len
         if not 0 < self.max_seq_len <= limit:
@@ -739,6 +799,10 @@ class Session:
         self.cache = make_cache(kvcache, model.config, self.max_seq_len)
         self.tokens: list[int] = []
         self.computed = 0  # token positions actually run through the model
+        self.hooks = None
+        if hooks:
+            from .inspect import HookSet
+            self.hooks = HookSet.of(model.config, hooks)
 
     def reset(self) -> None:
         self.tokens.clear()
@@ -787,9 +851,9 @@ class Session:
         self.tokens.extend(chunk)
         if self.cache.recompute:   # no cache: the whole sequence, every time
             self.computed += len(self.tokens)
-            return self.model.forward(self.tokens, 0, self.cache, n_out)
+            return self.model.forward(self.tokens, 0, self.cache, n_out, self.hooks)
         self.computed += len(chunk)
-        return self.model.forward(chunk, self.cache.length, self.cache, n_out)
+        return self.model.forward(chunk, self.cache.length, self.cache, n_out, self.hooks)
 
 
 def feed_batch(sessions: list[Session], chunks: list) -> np.ndarray:
