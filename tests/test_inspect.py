@@ -23,8 +23,14 @@ import torch
 from conftest import REPO, case, run_cli
 
 import llamanp
-from llamanp.inspect import (ATTENTION_POINTS, HookError, Recorder, hook_names, logit_lens,
-                             read_cache)
+from llamanp.inspect import (
+    ATTENTION_POINTS,
+    HookError,
+    Recorder,
+    hook_names,
+    logit_lens,
+    read_cache,
+)
 
 HIDDEN_RTOL = 1e-4     # max |diff| / max |reference|, per hidden state
 PATTERN_TOL = 1e-5     # max |diff| of attention weights
@@ -407,6 +413,8 @@ def test_doc_examples_run(lens_model, capsys):
     code = "\n".join(blocks)
     assert 'fetch("smollm2")' in code
     code = code.replace('fetch("smollm2")', repr(str(lens_model)))
+    assert "N = 50\n" in code
+    code = code.replace("N = 50\n", "N = 40\n")    # the tiny model's context is 96
     exec(compile(code, "docs/inspect.md", "exec"), {})
     out = capsys.readouterr().out
     assert "logit lens at the last position" in out

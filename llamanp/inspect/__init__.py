@@ -10,9 +10,19 @@ on SmolLM2 are in docs/inspect.md. Also here: the logit lens (lens.py), the
 pictures (draw.py, needs matplotlib) and llama-np.py's flags for both (cli.py).
 """
 
-from .hooks import (ATTENTION_POINTS, BLOCK_POINTS, Activations, HookError, HookSet, Recorder,
-                    hook_names, read_cache, reference_attention, run_with_cache,
-                    run_with_hooks)
+from .hooks import (
+    ATTENTION_POINTS,
+    BLOCK_POINTS,
+    Activations,
+    HookError,
+    HookSet,
+    Recorder,
+    hook_names,
+    read_cache,
+    reference_attention,
+    run_with_cache,
+    run_with_hooks,
+)
 from .lens import Lens, lens_text, logit_lens
 
 __all__ = ["ATTENTION_POINTS", "BLOCK_POINTS", "Activations", "HookError", "HookSet", "Lens",

@@ -58,24 +58,29 @@ def logit_lens(model, ids, k: int = 5) -> Lens:
                 top_probs, final_ids, final_probs)
 
 
-def token_label(tok, id: int) -> str:
-    """How a token is shown: its text (a piece of a character shows as U+FFFD),
-    with newlines and tabs escaped."""
+def token_text(tok, id: int) -> str:
+    """The text a token stands for (a piece of a character shows as U+FFFD);
+    #id without a tokenizer."""
     if tok is None:
         return f"#{id}"
-    text = tok.token_bytes(int(id)).decode("utf-8", errors="replace")
-    return text.replace("\n", "\\n").replace("\t", "\\t")
+    return tok.token_bytes(int(id)).decode("utf-8", errors="replace")
+
+
+def token_label(tok, id: int) -> str:
+    """A token's text for a picture's labels: quotes off, newlines and other
+    control characters escaped as Python writes them."""
+    return repr(token_text(tok, id))[1:-1].replace("$", r"\$")   # no mathtext
 
 
 def lens_text(lens: Lens, tok) -> str:
     """Per row, the top tokens at the last position with their probabilities."""
     last = len(lens.ids) - 1
     k = lens.top_ids.shape[-1]
-    lines = [f"logit lens at the last position ({token_label(tok, lens.ids[last])!r}): "
+    lines = [f"logit lens at the last position ({token_text(tok, lens.ids[last])!r}): "
              f"the top {k} next tokens after each layer"]
     width = max(len(name) for name in lens.layers)
     for row, name in enumerate(lens.layers):
-        cells = "  ".join(f"{token_label(tok, i)!r} {p:.3f}" for i, p in
+        cells = "  ".join(f"{token_text(tok, i)!r} {p:.3f}" for i, p in
                           zip(lens.top_ids[row, last], lens.top_probs[row, last]))
         lines.append(f"{name:>{width}}  {cells}")
     return "\n".join(lines) + "\n"
