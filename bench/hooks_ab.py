@@ -2,22 +2,22 @@
 """A/B: what the hook points cost when no hook is registered.
 
     python bench/hooks_ab.py -w MODEL.lmw --base REV [--head REV] [--rounds N]
-                             [--prompt P] [--steps S]
+                             [--prompt P] [--steps S] [--threads N]
 
-Runs llamanp as of commit REV (`--base`, e.g. the commit before the hooks
-landed) and as of `--head` (default: this working tree) on the same model,
-in alternating fresh processes: each round runs both, in alternating order,
-so drift on a shared machine touches them alike. Each process measures
-batched prefill of P random tokens and decode tok/s over S single-token steps
-after it (KV cache in place), the median of 3 tries each. The table gives
-each side's median over the rounds and the median (min-max) of the per-round
+Loads llamanp as of commit REV (`--base`, e.g. the commit before the hooks
+landed) and as of `--head` (default: this working tree) side by side in one
+process, as two packages, each with the model open, and measures them in
+alternation: each round runs batched prefill of P random tokens and S
+single-token decode steps after it (KV cache in place) on both, in
+alternating order, so drift on a shared machine touches both alike. The table
+gives each side's median tok/s and the median (min-max) of the per-round
 ratios head / base.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -38,78 +38,69 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def child(tree: str, weights: str, prompt: int, steps: int, tries: int = 3) -> dict:
-    """Measure in this process, with llamanp imported from `tree`."""
-    sys.path.insert(0, tree)
-    import numpy as np
-
-    import llamanp
-    assert Path(llamanp.__file__).resolve().is_relative_to(Path(tree).resolve())
-    m = llamanp.load(weights)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, m.config.vocab_size, size=prompt).tolist()
-    m.session(max_seq_len=prompt + steps + 1).feed(ids[:16])      # warm up
-    prefill, decode = [], []
-    for _ in range(tries):
-        s = m.session(max_seq_len=prompt + steps + 1)
-        t0 = time.perf_counter()
-        s.feed(ids)
-        prefill.append(prompt / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for t in rng.integers(0, m.config.vocab_size, size=steps).tolist():
-            s.feed([t])
-        decode.append(steps / (time.perf_counter() - t0))
-    return {"prefill": statistics.median(prefill), "decode": statistics.median(decode)}
+def import_as(tree: Path, alias: str):
+    """The llamanp package under `tree`, imported under the name `alias` (its
+    imports are relative, so two versions can live in one process)."""
+    init = tree / "llamanp" / "__init__.py"
+    spec = importlib.util.spec_from_file_location(alias, init,
+                                                  submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def run_side(tree: Path, args) -> dict:
-    env = dict(os.environ)
-    if args.threads:
-        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(args.threads)
-    out = subprocess.run([sys.executable, __file__, "--child", str(tree), "-w", args.weights,
-                          "--prompt", str(args.prompt), "--steps", str(args.steps)],
-                         check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def measure(model, ids: list, steps: list) -> tuple[float, float]:
+    """(prefill tok/s of ids in one batch, decode tok/s of steps after it)."""
+    s = model.session(max_seq_len=len(ids) + len(steps))
+    t0 = time.perf_counter()
+    s.feed(ids)
+    prefill = len(ids) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for t in steps:
+        s.feed([t])
+    return prefill, len(steps) / (time.perf_counter() - t0)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-w", "--weights", required=True)
-    p.add_argument("--base", help="the commit to compare against")
+    p.add_argument("--base", required=True, help="the commit to compare against")
     p.add_argument("--head", help="the commit measured (default: this working tree)")
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--prompt", type=int, default=128, help="prefill tokens (default 128)")
-    p.add_argument("--steps", type=int, default=32, help="decode steps (default 32)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps (default 16)")
     p.add_argument("--threads", type=int, default=0,
-                   help="BLAS threads of both sides (OPENBLAS_NUM_THREADS; default: BLAS's own "
-                        "choice). On a busy shared machine 1 thread is the least noisy")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+                   help="BLAS threads (OPENBLAS_NUM_THREADS; default: BLAS's own choice). On "
+                        "a busy shared machine 1 thread is the least noisy")
     args = p.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.weights, args.prompt, args.steps)))
-        return 0
-    if not args.base:
-        p.error("--base REV is required")
+    if args.threads:   # before numpy is imported
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import numpy as np
+
     with tempfile.TemporaryDirectory(prefix="hooks-ab-") as tmp:
-        base = export(args.base, Path(tmp) / "base")
-        head = export(args.head, Path(tmp) / "head") if args.head else REPO
-        sides = {"base": [], "head": []}
+        trees = {"base": export(args.base, Path(tmp) / "base"),
+                 "head": export(args.head, Path(tmp) / "head") if args.head else REPO}
+        models = {side: import_as(tree, f"llamanp_{side}").load(args.weights)
+                  for side, tree in trees.items()}
+        rng = np.random.default_rng(0)
+        vocab = models["base"].config.vocab_size
+        ids = rng.integers(0, vocab, size=args.prompt).tolist()
+        steps = rng.integers(0, vocab, size=args.steps).tolist()
+        for m in models.values():
+            measure(m, ids[:16], steps[:4])                      # warm up
+        runs = {"base": [], "head": []}
         for r in range(args.rounds):
-            order = ("base", "head") if r % 2 == 0 else ("head", "base")
-            for side in order:
-                sides[side].append(run_side(base if side == "base" else head, args))
-            print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-                f"{s} prefill {sides[s][-1]['prefill']:.1f} decode {sides[s][-1]['decode']:.2f}"
-                for s in ("base", "head")), file=sys.stderr)
+            for side in (("base", "head") if r % 2 == 0 else ("head", "base")):
+                runs[side].append(measure(models[side], ids, steps))
     threads = f"{args.threads} BLAS thread(s)" if args.threads else "BLAS's default threads"
-    print(f"\nbase {args.base}, head {args.head or 'working tree'}, {args.rounds} rounds "
-          f"(alternating order), {Path(args.weights).name}, {threads}\n")
+    print(f"base {args.base}, head {args.head or 'working tree'}, {Path(args.weights).name}, "
+          f"{args.rounds} rounds in one process (alternating order), {threads}\n")
     print("| measure | base tok/s | head tok/s | head / base (median, min-max) |")
     print("|---|---|---|---|")
-    for key, label in (("prefill", f"prefill {args.prompt} tokens"),
-                       ("decode", f"decode, {args.steps} steps")):
-        b = [x[key] for x in sides["base"]]
-        h = [x[key] for x in sides["head"]]
+    for col, label in ((0, f"prefill {args.prompt} tokens"), (1, f"decode, {args.steps} steps")):
+        b = [x[col] for x in runs["base"]]
+        h = [x[col] for x in runs["head"]]
         ratios = [y / x for x, y in zip(b, h)]
         print(f"| {label} | {statistics.median(b):.2f} | {statistics.median(h):.2f} | "
               f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |")
