@@ -2,16 +2,17 @@
 """A/B: what the hook points cost when no hook is registered.
 
     python bench/hooks_ab.py -w MODEL.lmw --base REV [--head REV] [--rounds N]
-                             [--prompt P] [--steps S] [--threads N]
+                             [--prompt P] [--steps S] [--tries K] [--threads N]
 
 Loads llamanp as of commit REV (`--base`, e.g. the commit before the hooks
 landed) and as of `--head` (default: this working tree) side by side in one
 process, as two packages, each with the model open, and measures them in
 alternation: each round runs batched prefill of P random tokens and S
 single-token decode steps after it (KV cache in place) on both, in
-alternating order, so drift on a shared machine touches both alike. The table
-gives each side's median tok/s and the median (min-max) of the per-round
-ratios head / base.
+alternating order, so drift on a shared machine touches both alike; a side's
+figure in a round is the best of K tries (the one least disturbed by other
+processes). The table gives each side's median tok/s over the rounds and the
+median (min-max) of the per-round ratios head / base.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--prompt", type=int, default=128, help="prefill tokens (default 128)")
     p.add_argument("--steps", type=int, default=16, help="decode steps (default 16)")
+    p.add_argument("--tries", type=int, default=3, help="tries per side and round; the best "
+                   "counts (default 3)")
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS threads (OPENBLAS_NUM_THREADS; default: BLAS's own choice). On "
                         "a busy shared machine 1 thread is the least noisy")
@@ -92,10 +95,12 @@ def main() -> int:
         runs = {"base": [], "head": []}
         for r in range(args.rounds):
             for side in (("base", "head") if r % 2 == 0 else ("head", "base")):
-                runs[side].append(measure(models[side], ids, steps))
+                tries = [measure(models[side], ids, steps) for _ in range(args.tries)]
+                runs[side].append((max(t[0] for t in tries), max(t[1] for t in tries)))
     threads = f"{args.threads} BLAS thread(s)" if args.threads else "BLAS's default threads"
     print(f"base {args.base}, head {args.head or 'working tree'}, {Path(args.weights).name}, "
-          f"{args.rounds} rounds in one process (alternating order), {threads}\n")
+          f"{args.rounds} rounds in one process (alternating order, best of {args.tries} "
+          f"tries each), {threads}\n")
     print("| measure | base tok/s | head tok/s | head / base (median, min-max) |")
     print("|---|---|---|---|")
     for col, label in ((0, f"prefill {args.prompt} tokens"), (1, f"decode, {args.steps} steps")):

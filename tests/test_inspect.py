@@ -31,6 +31,7 @@ from llamanp.inspect import (
     logit_lens,
     read_cache,
 )
+from llamanp.kvcache import STRATEGIES
 
 HIDDEN_RTOL = 1e-4     # max |diff| / max |reference|, per hidden state
 PATTERN_TOL = 1e-5     # max |diff| of attention weights
@@ -104,6 +105,7 @@ def test_smollm2_hidden_states_and_patterns_equal_transformers(smollm2_gguf, smo
 # ---------------------------------------------------------------------------
 
 PARTS = [5, 1, 4, 2]     # the prompt (12 tokens) fed in these pieces
+EXACT = [name for name, cls in STRATEGIES.items() if cls.exact]   # none, inplace, concat, ...
 
 
 def expected_slice(full, name, first, rows, seen):
@@ -114,7 +116,11 @@ def expected_slice(full, name, first, rows, seen):
     return full[first:first + rows]
 
 
-@pytest.mark.parametrize("kvcache", ["none", "inplace", "concat"])
+def test_every_exact_strategy_is_covered():
+    assert {"none", "inplace", "concat"} <= set(EXACT)
+
+
+@pytest.mark.parametrize("kvcache", EXACT)
 def test_values_equal_one_full_pass_for_every_cache_and_split(store, kvcache):
     c = CASES[1]
     model, ids = store.load(c), store.reference(c.spec).ids
@@ -159,7 +165,7 @@ def test_hooks_hold_through_generation_with_every_cache(store):
         want.append(int(model.run_with_hooks(ids + want, hooks)[-1].argmax()))
     plain = list(llamanp.generate(model, ids, 8, stop_ids=()))
     assert plain != want                  # the hook really steers
-    for kvcache in ("none", "inplace", "concat"):
+    for kvcache in EXACT:
         got = list(llamanp.generate(model, ids, 8, stop_ids=(), kvcache=kvcache, hooks=hooks))
         assert got == want, kvcache
 
