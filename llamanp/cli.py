@@ -471,6 +471,9 @@ def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> di
             out.generated(new)                             # is, so Ctrl-C cannot repeat it
     except KeyboardInterrupt:
         gen.interrupt()
+    except LlamanpError:
+        out.end()                # the error line goes under the text, not after it
+        raise
     finally:
         if history is not None:
             history.close()
