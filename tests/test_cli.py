@@ -348,3 +348,12 @@ def test_beam_summary_names_the_stop_reason(endless, endless_model):
     rc, so, se = run_cli("llama-np.py", "-w", endless, "-i", PROMPT, "--beams", "2", "-n", "-1",
                          "-c", "20")
     assert rc == 0 and "[stopped: context full |" in se, se
+
+
+def test_an_error_during_generation_starts_its_own_line(sp_model, tmp_path):
+    """A model with more token ids than its tokenizer: decoding fails during
+    generation, and the error line is not glued to the text printed so far."""
+    model = write_model(tmp_path / "big.lmw", sp_tokenizer(sp_model).data, 400, seed=7)
+    rc, so, se = run_cli("llama-np.py", "-w", model, "-i", PROMPT, "-n", "-1", "--temp", "0")
+    assert rc == 1 and so.startswith(PROMPT) and so.endswith("\n"), (so, se)
+    assert se.startswith("error: token id ") and len(se.splitlines()) == 1
