@@ -311,15 +311,14 @@ def fmt(x, spec: str = ".3g") -> str:
 def table(rows: list[dict], contexts: list) -> str:
     """The markdown table printed at the end."""
     head = (["strategy", "bytes held", "B/position", "logits Δ", "KL mean", "KL p99", "top-1",
-             "ppl",
-             "Δppl", "passkey 10/50/90%"] + [f"decode@{c}" for c in contexts]
+             "ppl", "Δppl", "passkey 10/50/90%"] + [f"decode@{c}" for c in contexts]
             + ["prefill tok/s", "peak RSS MiB"])
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    failed = []
     for r in rows:
-        if r.get("error"):
-            lines.append(f"| {r['strategy']} | error: {r['error']} |")
-            continue
+        if r.get("error"):               # the cost process failed: its cells stay empty
+            failed.append(f"- the cost process of {r['strategy']} failed: {r['error']}")
         keys = [k for k in r if k.startswith("passkey_") and k.endswith("_retrieved")]
         pk = " ".join(("✓" if r[k] else "✗") + f"{r[k[:-10] + '_logprob']:.1f}" for k in keys)
         cells = [r["strategy"], human_bytes(r["nbytes"]) if r.get("nbytes") is not None else "–",
@@ -330,7 +329,7 @@ def table(rows: list[dict], contexts: list) -> str:
         cells += [fmt(r.get(f"decode_tps_{c}"), ".1f") for c in contexts]
         cells += [fmt(r.get("prefill_tps"), ".0f"), fmt(r.get("rss_peak_mb"), ".0f")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + failed if failed else []))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
