@@ -170,6 +170,32 @@ def test_hooks_hold_through_generation_with_every_cache(store):
         assert got == want, kvcache
 
 
+SMALL = {"window": "window:size=8", "sinks": "sinks:size=8,sinks=2", "h2o": "h2o:size=8",
+         "tova": "tova:size=8", "knorm": "knorm:size=8", "random": "random:size=8",
+         "snapkv": "snapkv:size=8,window=4", "kivi": "kivi:residual=4,group=16",
+         "paged": "paged:block=4"}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES) + ["inplace:dtype=f16"])
+def test_attention_hooks_work_with_every_cache(store, name):
+    """With a hook on the attention's insides (the plain attention runs), a
+    generation through any strategy (small budgets, so the lossy ones evict
+    or quantize, and the ones that read the weights get them) picks the same
+    tokens as without hooks, and read_cache reads the cache."""
+    c = CASES[0]
+    model, ids = store.load(c), store.reference(c.spec).ids
+    spec = SMALL.get(name, name)
+    seen = []
+    hooks = [("blocks.1.pattern", lambda p, n: seen.append(p.shape))]
+    plain = list(llamanp.generate(model, ids, 10, stop_ids=(), kvcache=spec))
+    gen = llamanp.generate(model, ids, 10, stop_ids=(), kvcache=spec, hooks=hooks)
+    assert list(gen) == plain
+    assert len(seen) == 10 and all(s[0] == model.config.n_heads for s in seen)
+    held = read_cache(gen.session)
+    assert len(held) == model.config.n_layers
+    assert held[0][0].shape[1:] == (model.config.n_kv_heads, model.config.head_dim)
+
+
 # ---------------------------------------------------------------------------
 # interventions against a float64 reference forward pass
 # ---------------------------------------------------------------------------

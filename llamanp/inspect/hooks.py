@@ -156,6 +156,12 @@ class HookSet:
         return attend
 
 
+def as_array(held) -> np.ndarray:
+    """Keys or values as a cache hands them to attention: a float32 array, or
+    a reader of narrow storage (llamanp.kvcache.quantized), widened whole."""
+    return held if isinstance(held, np.ndarray) else held.widen()
+
+
 def softmax32(scores: np.ndarray) -> np.ndarray:
     """Softmax over the last axis in float32, each row shifted by its maximum
     (so -inf scores get weight 0)."""
@@ -177,6 +183,7 @@ def reference_attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray,
     gets them through `observe`, as model.attention shows them.
     """
     T, n_heads, hd = q.shape
+    keys, values = as_array(keys), as_array(values)
     n_kv, _, seen = keys.shape
     group = n_heads // n_kv
     k = np.repeat(keys, group, axis=0)                       # [heads, hd, seen]
@@ -245,14 +252,16 @@ def run_with_cache(model, ids, names=None, hooks=()) -> tuple[np.ndarray, Activa
 
 def read_cache(session) -> list[tuple[np.ndarray, np.ndarray]]:
     """The keys and values a session's KV cache holds, per layer: a list of
-    (keys, values), each a copy shaped [positions, n_kv_heads, head_dim] (as the
-    hook points k and v are), in position order. The "none" strategy holds
-    nothing (positions = 0)."""
+    (keys, values), each a float32 copy shaped [positions, n_kv_heads, head_dim]
+    (as the hook points k and v are), in the order the cache hands them to
+    attention: position order for the exact strategies (and paged); a strategy
+    that evicts holds fewer, see its positions(layer). The "none" strategy
+    holds nothing (positions = 0)."""
     cfg = session.model.config
     empty = np.zeros((0, cfg.n_kv_heads, cfg.head_dim), np.float32)
     out = []
     for layer in range(cfg.n_layers):
         # adding no positions returns what is held, and changes nothing
-        keys, values = session.cache.update(layer, empty, empty)
+        keys, values = (as_array(a) for a in session.cache.update(layer, empty, empty))
         out.append((np.array(keys.transpose(2, 0, 1)), np.array(values.transpose(2, 0, 1))))
     return out
