@@ -196,6 +196,27 @@ def test_attention_hooks_work_with_every_cache(store, name):
     assert held[0][0].shape[1:] == (model.config.n_kv_heads, model.config.head_dim)
 
 
+def test_chat_console_api_takes_hooks(lens_model):
+    """Chat(..., hooks=) runs them in every forward pass of every turn: each
+    step's logits are those of the whole context run with the hooks."""
+    from llamanp.console import Chat
+    model = llamanp.load(lens_model)
+    vector = np.random.default_rng(2).standard_normal(model.config.dim).astype(np.float32)
+    hooks = [("blocks.0.resid_post", steer_hook(vector))]
+    seen = []
+
+    def greedy(logits, history):
+        seen.append((np.array(logits), list(history)))
+        return int(np.argmax(logits))
+    chat = Chat(model, template="llama2", hooks=hooks)
+    for text in ("the little cat", "and the dog?"):
+        chat.respond(text, greedy, max_new_tokens=3)
+    assert len(seen) >= 4
+    for logits, history in seen:
+        np.testing.assert_allclose(logits, model.run_with_hooks(history, hooks)[-1], atol=1e-4)
+    assert np.abs(seen[0][0] - model.logits(seen[0][1])[-1]).max() > 0.1
+
+
 # ---------------------------------------------------------------------------
 # interventions against a float64 reference forward pass
 # ---------------------------------------------------------------------------
