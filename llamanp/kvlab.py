@@ -348,7 +348,7 @@ def plots(rows: list[dict], full: dict, kept: dict, n_tokens: int, contexts: lis
     import matplotlib.pyplot as plt
 
     made = []
-    ok = [r for r in rows if not r.get("error") and r.get("nbytes")]
+    ok = [r for r in rows if r.get("nbytes") and r.get("kl_mean") is not None]
     markers = "osD^v<>ph*XP"
     # one colour and marker per strategy, the same in both figures
     style = {r["strategy"]: dict(color=plt.cm.tab20(i % 20), marker=markers[i % len(markers)])
