@@ -432,3 +432,17 @@ def test_cli_kvcache_spec_errors_are_one_line(tmp_path):
     rc, out, err = run_cli("llama-np.py", "-w", str(tmp_path / "none.lmw"), "-i", "x",
                            "--kvcache", "sinks:size=2,sinks=4")
     assert rc != 0 and err.count("\n") == 1 and err.startswith("error: kvcache sinks")
+
+
+@pytest.mark.parametrize("spec", ["h2o:size=40,dtype=q8_0", "sinks:size=40,dtype=q4_0",
+                                  "window:size=40,dtype=bf16", "window:size=40"])
+def test_evicting_caches_grow_for_a_long_call(wide, spec, monkeypatch):
+    """A forward call longer than the budget's headroom: the store and its
+    bookkeeping arrays grow together, and pages round both up alike."""
+    from llamanp.kvcache import held
+    monkeypatch.setattr(held, "HEADROOM", 8)
+    s = wide.session(spec, max_seq_len=512)
+    s.feed(ids(100))
+    s.feed(ids(400, seed=2))
+    assert len(s.cache.positions(0)) == 40 and s.cache.length == 500
+    assert s.cache.pos.shape[1] == s.cache.store.capacity

@@ -45,7 +45,8 @@ class HeldCache(KVCache):
         cap = max_seq_len if self.size is None else min(max_seq_len, self.size + HEADROOM)
         self.store = make_store(self.dtype, config, cap)
         # each slot's original position, per layer (a budget-less cache holds 0..held-1)
-        self.pos = None if self.size is None else np.zeros((config.n_layers, cap), np.int64)
+        self.pos = (None if self.size is None
+                    else np.zeros((config.n_layers, self.store.capacity), np.int64))
         self.held = 0
 
     # -- the model's side ------------------------------------------------------------
@@ -113,7 +114,7 @@ class HeldCache(KVCache):
         self.store = self.store.resized(cap, self.held)
         for name in self.slot_names():
             old = getattr(self, name)
-            new = np.zeros(old.shape[:-1] + (cap,), old.dtype)
+            new = np.zeros(old.shape[:-1] + (self.store.capacity,), old.dtype)
             new[..., :self.held] = old[..., :self.held]
             setattr(self, name, new)
 
