@@ -149,7 +149,9 @@ class Store:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.planes.values())
+        """The planes, and the page widened for attention once there is one."""
+        scratch = 0 if self.scratch is None else self.scratch.nbytes
+        return sum(p.nbytes for p in self.planes.values()) + scratch
 
 
 class Stored:
@@ -458,7 +460,7 @@ class Kivi(KVCache):
     @property
     def nbytes(self):
         arrays = [*self.codes.values(), *self.scale.values(), *self.low.values(),
-                  *self.tail.values()]
+                  *self.tail.values()] + ([] if self.scratch is None else [self.scratch])
         return sum(a.nbytes for a in arrays)
 
     def reset(self):
