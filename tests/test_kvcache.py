@@ -261,6 +261,13 @@ def test_narrow_storage_bytes_measured_from_arrays(spec, ratio):
     f32 = make_cache(spec.split(":")[0] + ":size=512" if spec.startswith("sinks")
                      else "inplace", cfg, 8192)
     narrow = make_cache(spec, cfg, 8192)
+    rng = np.random.default_rng(0)
+    for cache in (f32, narrow):     # 64 positions in, and read once as attention would
+        for layer in range(cfg.n_layers):
+            keys, _ = cache.update(layer, *rng.standard_normal((2, 64, 3, 64), np.float32))
+            if isinstance(keys, Stored):
+                next(keys.blocks())
+        cache.advance(64)
     assert narrow.nbytes <= ratio * f32.nbytes, (narrow.nbytes / f32.nbytes)
 
 
