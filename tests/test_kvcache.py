@@ -251,12 +251,14 @@ def smollm2_shape() -> Config:
 
 @pytest.mark.parametrize("spec, ratio", [("inplace:dtype=q8_0", 0.27),
                                          ("inplace:dtype=q4_0", 0.15),
-                                         ("inplace:dtype=f16", 0.5),
-                                         ("sinks:size=512,dtype=q8_0", 0.27),
+                                         ("inplace:dtype=f16", 0.51),
+                                         ("sinks:size=512,dtype=q8_0", 0.28),
                                          ("kivi:bits=2,residual=0", 0.15)])
 def test_narrow_storage_bytes_measured_from_arrays(spec, ratio):
     """nbytes is the sum of the arrays' nbytes (capacity reserved, committed
-    only as written): the SmolLM2 shape, 8192 positions."""
+    only as written, and the page widened for attention): the SmolLM2 shape,
+    8192 positions (sinks: 1024 slots, where that one page, 393 KB, is 0.8%
+    of the float32 cache)."""
     cfg = smollm2_shape()
     f32 = make_cache(spec.split(":")[0] + ":size=512" if spec.startswith("sinks")
                      else "inplace", cfg, 8192)
