@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--words", type=int, default=120,
                    help="about how many words of the passage to repeat (default 120)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--task", action="append", choices=["grounded", "free"],
+                   help="run only this task (repeatable; default both)")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads is not None and not threads.set_threads(args.threads, reexec=True):
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
         configs = [("plain", None)] + [(d, make_drafter(d, model, args.draft_ngram,
                                                         args.draft_max)) for d in drafts]
         for task, ids in task_prompts(model, args.words).items():
+            if args.task and task not in args.task:
+                continue
             speeds = {name: [] for name, _ in configs}
             counts = {}
             outs = {}
