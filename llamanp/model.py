@@ -64,6 +64,11 @@ def linear(x: np.ndarray, w_t, out=None) -> np.ndarray:
 #: a compressed matrix is widened this many bytes of float32 at a time when it
 #: is streamed: small enough to stay in the CPU cache until the product reads it
 STREAM_CHUNK_BYTES = 1 << 20
+#: up to this many tokens in a pass (decoding; checking a few speculative
+#: proposals) stream compressed layers through the cache instead of widening
+#: them whole: a few rows do too little arithmetic to pay for writing every
+#: widened weight out to memory and reading it back
+STREAM_ROWS = 16
 
 
 class Streamed:
@@ -661,7 +666,7 @@ class Model:
         act = work.take("swiglu", (T, H))
         delta = work.take("delta", (T, cfg.dim))
         for i in range(cfg.n_layers):
-            layer = self._streamed[i] if T == 1 else self.layer_weights(i)
+            layer = self._streamed[i] if T <= STREAM_ROWS else self.layer_weights(i)
             if hooks:
                 hooks.block(i, resid_pre=x)
             # attention block: q and k are rotated together, in one call
