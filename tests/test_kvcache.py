@@ -305,6 +305,19 @@ def test_budget_at_least_the_sequence_gives_the_full_cache(wide, spec, fill1):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("spec", ["kivi:residual=32", "kivi:bits=4,residual=128"])
+def test_kivi_takes_a_call_longer_than_its_float32_tail(wide, spec):
+    """One forward call of many more positions than residual + group: the
+    float32 tail grows to hold them all, and since nothing is quantized until
+    the call ends, the call's logits are exactly the full cache's."""
+    n = 500
+    want = wide.session("inplace", max_seq_len=n).feed(ids(n), all_logits=True)
+    s = wide.session(spec, max_seq_len=n)
+    got = s.feed(ids(n), all_logits=True)
+    np.testing.assert_array_equal(got, want)
+    assert s.cache.length - s.cache.quantized <= s.cache.residual
+
+
 @pytest.mark.parametrize("spec", EVICTING)
 def test_eviction_keeps_the_budget_after_every_call(wide, spec):
     size = 48

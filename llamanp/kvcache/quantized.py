@@ -358,8 +358,11 @@ class Kivi(KVCache):
         T, n = len(k), self.length - self.quantized      # n: float32 positions held
         if self.length + T > self.max_seq_len:
             raise LlamanpError(f"context is full ({self.max_seq_len} positions)")
-        if n + T > self.tail["k"].shape[-1]:
-            self.tail = {kind: np.concatenate([t, np.zeros_like(t)[..., :n + T]], axis=-1)
+        size = self.tail["k"].shape[-1]
+        if n + T > size:      # a call longer than the tail: at least double it
+            more = max(n + T, 2 * size) - size
+            self.tail = {kind: np.concatenate(
+                             [t, np.zeros(t.shape[:-1] + (more,), np.float32)], axis=-1)
                          for kind, t in self.tail.items()}
         self.tail["k"][layer, ..., n:n + T] = k.transpose(1, 2, 0)
         self.tail["v"][layer, ..., n:n + T] = v.transpose(1, 2, 0)
