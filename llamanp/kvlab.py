@@ -27,7 +27,7 @@ passkey   A five-digit number hidden at 10%, 50% and 90% of --passkey-tokens
 bytes     `cache.nbytes` of each quality session's cache after the whole text
           (the arrays it has allocated, capacity included, measured from
           the arrays) and per position it holds in a layer.
-cost      In a fresh process per strategy, so that its peak RSS is its own:
+cost      In a fresh process per strategy:
           the passkey prompts (prefill tok/s = their tokens over their
           ordinary prefill time, micro-batches of 512); then decode tok/s at
           contexts 512, 2048, 4096, 8192 (capped at the model's context): the
@@ -35,8 +35,9 @@ cost      In a fresh process per strategy, so that its peak RSS is its own:
           update path in calls of 512 (no model run: decode speed depends on
           how many positions a cache holds and how, not on their values),
           then --steps single-token steps are timed after one warm-up step;
-          the median step counts. Peak RSS: that process's, over all of it
-          (the model's mapped weights and the largest decode context included).
+          the median step counts. Peak RSS: that process's own high-water
+          mark over all of it (Linux's VmHWM, read inside it; the model's
+          mapped weights and the largest decode context included).
 sharing   With `paged` among the strategies: 8 prompts sharing a 512-token
           prefix generated as one batch, bytes held by the paged pool against
           8 in-place caches sized exactly to the sequences, outputs compared;
@@ -222,7 +223,22 @@ def decode_speed(model, spec: str, context: int, steps: int, token: int, seed: i
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident set so far, MiB (ru_maxrss is KiB on Linux)."""
+    """This process's own peak resident set so far, MiB.
+
+    Linux's VmHWM (/proc/self/status) is the high-water mark of this program
+    image alone. ru_maxrss is not: at exec the kernel keeps the larger of the
+    old image's peak and the new one's, and Python starts a child with vfork,
+    whose old image is the parent's, so every cost process reported the lab's
+    own peak (over 2 GB after a SmolLM2 quality pass) instead of its own.
+    ru_maxrss (KiB on Linux, bytes on macOS) is the fallback where there is
+    no /proc; there it may include the launching process's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024        # kB
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024
 
@@ -507,8 +523,8 @@ LEGEND = (
     "passkey: ✓/✗ greedy retrieval and the answer's log-probability at 10/50/90% depth. "
     "decode@C: tok/s of single steps after C positions (cache filled with random keys and "
     "values, median of the steps); prefill: the passkey prompts' ordinary prefill; peak RSS: "
-    "a fresh process per strategy running the passkey and decode tests (the model's mapped "
-    "weights and the largest decode context included).")
+    "the own high-water mark (VmHWM) of a fresh process per strategy running the passkey and "
+    "decode tests (the model's mapped weights and the largest decode context included).")
 
 
 def load_average() -> str:

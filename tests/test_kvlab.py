@@ -95,6 +95,40 @@ def test_lab_table_against_independent_runs(tiny, tmp_path, capsys):
         assert len(kept[lossy_spec()]) == BUDGET
 
 
+def test_peak_rss_is_each_cost_process_own(sp_model, tmp_path):
+    """Each row's peak RSS is its own cost process's high-water mark. An exact
+    cache filled to 8,000 positions must peak above a 24-position window by
+    about the cache's bytes (measured here from its arrays), and both must stay
+    below this launching process's peak, made large on purpose first: the
+    figure once came from ru_maxrss, which the kernel carries over from the
+    parent at exec, so every row read the parent's peak."""
+    from llamanp.config import Config
+
+    # 4 layers x 4 kv heads x 64 dims, float32: 8 KiB of keys and values per position
+    cfg = Config(dim=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, hidden_dim=256,
+                 vocab_size=300, max_seq_len=8192)
+    path = write_text_model(tmp_path / "wide.lmw", sp_model, seed=3, config=cfg)
+    ballast = np.ones(512 << 17)            # 512 MiB, written, then let go
+    del ballast
+    parent_peak = kvlab.peak_rss_mb()
+    specs = ["inplace", f"window:size={BUDGET}"]
+    out = tmp_path / "lab"
+    assert kvlab.main(["-w", str(path), "--text", TEXT, "--tokens", "40", "--chunk", "8",
+                       "--budget", str(BUDGET), "--strategies", ";".join(specs),
+                       "--contexts", "8000", "--passkey-tokens", "30", "--steps", "1",
+                       "--out", str(out), "--no-plots", "--no-sharing"]) == 0
+    rows = {r["strategy"]: r for r in csv.DictReader(open(out / "kvlab.csv"))}
+    peak = {spec: float(rows[spec]["rss_peak_mb"]) for spec in specs}
+
+    s = llamanp.load(str(path)).session("inplace")     # the decode test's cache, as allocated
+    cache_mb = s.cache.nbytes / 2**20
+    assert cache_mb > 60
+    assert 0.8 * cache_mb < peak["inplace"] - peak[specs[1]] < 1.5 * cache_mb, (peak, cache_mb)
+    assert max(peak.values()) < parent_peak - 256, (peak, parent_peak)
+    for spec in specs:                        # loading came first, and is part of the peak
+        assert 0 < float(rows[spec]["rss_loaded_mb"]) <= peak[spec]
+
+
 def test_lab_sharing_section(tiny, tmp_path, capsys, monkeypatch):
     """The paged sharing figures the lab prints come from real batch and beam runs."""
     m = llamanp.load(str(tiny))

@@ -50,9 +50,11 @@ def write_tiny(path, vocab: int, tokenizer=None, seed: int = 0, max_seq_len: int
     return Path(path)
 
 
-def write_text_model(path, sp_model, seed: int = 0, max_seq_len: int = 64) -> Path:
+def write_text_model(path, sp_model, seed: int = 0, max_seq_len: int = 64,
+                     config: Optional[Config] = None) -> Path:
     """A model over the test SentencePiece tokenizer (vocab 300) that prefers the
-    ~40 text pieces: byte and control pieces get logit 0, the rest logits of std 3."""
+    ~40 text pieces: byte and control pieces get logit 0, the rest logits of std 3.
+    `config` (its vocab_size 300) replaces tiny_config's shape."""
     import sentencepiece as spm
 
     from llamanp.tokenizer import read_tokenizer_file
@@ -60,4 +62,4 @@ def write_text_model(path, sp_model, seed: int = 0, max_seq_len: int = 64) -> Pa
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     quiet = [i for i in range(sp.get_piece_size()) if sp.is_byte(i) or sp.is_control(i)]
     return write_tiny(path, sp.get_piece_size(), read_tokenizer_file(sp_model), seed=seed,
-                      quiet_ids=quiet, logit_std=3.0, max_seq_len=max_seq_len)
+                      quiet_ids=quiet, logit_std=3.0, max_seq_len=max_seq_len, config=config)
