@@ -513,3 +513,36 @@ def test_bench_compare_transformers_on_a_tiny_model(store, tmp_path):
     batched16 = [r for r in rows if (r["engine"], r["section"], r["mode"], r["size"])
                  == ("llamanp", "prefill", "batched", "16")]
     assert batched16 and float(batched16[0]["vs_transformers"]) > 0
+
+
+def test_tokenizer_bench_tables_on_the_suites_tokenizer(sp_model, tmp_path):
+    """bench/tokenizer.py on the suite's small SentencePiece model: both tables,
+    and the token counts it prints are sentencepiece's and run.c's own."""
+    import re
+
+    import sentencepiece as spm
+    from test_tokenizer_bin import RunC, export_tokenizer_bin
+
+    text = tmp_path / "t.txt"
+    text.write_text((REPO / "tests" / "data" / "pride-and-prejudice-ch1.txt").read_text())
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "tokenizer.py"), "--runs", "2",
+                           "--sizes", "200,1000", "--text", str(text), "--llama2", str(sp_model),
+                           "--only", "llama2,tokenizer.bin"],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "## Loading" in out and "## Encoding" in out and "2 runs each" in out
+    rows = {(m[1], int(m[2].replace(",", ""))): (int(m[3].replace(",", "")), m[4])
+            for m in re.finditer(r"^\| (\S+) \| ([\d,]+) \| ([\d,]+) \|.*\| (yes|NO) \|$", out,
+                                 re.M)}
+    assert set(rows) == {(name, n) for name in ("llama2", "tokenizer.bin") for n in (200, 1000)}
+    sp, runc = spm.SentencePieceProcessor(model_file=str(sp_model)), RunC(
+        export_tokenizer_bin(sp_model))
+    for n in (200, 1000):
+        piece = text.read_text()[:n]
+        assert rows["llama2", n] == (len(sp.encode(piece)), "yes")
+        assert rows["tokenizer.bin", n][0] == len(runc.encode(piece))
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "tokenizer.py"), "--only", "gpt9"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --only: unknown gpt9")
+    assert bad.stderr.count("\n") == 1
