@@ -17,7 +17,6 @@ that defines it:
 
 import json
 import random
-import time
 import unicodedata
 from pathlib import Path
 
@@ -390,10 +389,7 @@ def smollm2(smollm2_gguf):
     ref.decoder = decoders.ByteLevel()
     ref.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == 3])
-    start = time.perf_counter()
-    td = tokenizer_from_gguf(meta)
-    seconds = time.perf_counter() - start
-    return meta, td, Ref(ref), seconds
+    return meta, tokenizer_from_gguf(meta), Ref(ref)    # its speed: bench/tokenizer.py
 
 
 def _smollm2_texts() -> list[str]:
@@ -419,8 +415,7 @@ def _smollm2_texts() -> list[str]:
 
 
 def test_smollm2_gguf_matches_tokenizers(smollm2):
-    meta, td, ref, seconds = smollm2
-    assert seconds < 5                      # about 1 s
+    meta, td, ref = smollm2
     tok = Tokenizer.from_data(td)
     assert tok.vocab_size == 49152 and td.bos_id is None    # add_bos_token is false
     assert td.eos_id == 2 and td.stop_ids == [2]            # <|im_end|>
@@ -438,7 +433,7 @@ def test_smollm2_against_transformers_gguf_loading(smollm2, smollm2_gguf, tmp_pa
     it ignores tokenizer.ggml.pre. The two agree except where splitting digits
     off first changes how whitespace before a digit is grouped."""
     transformers = pytest.importorskip("transformers")
-    meta, td, ref, _ = smollm2
+    meta, td, ref = smollm2
     (tmp_path / smollm2_gguf.name).symlink_to(smollm2_gguf)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=smollm2_gguf.name)
     tok = Tokenizer.from_data(td)

@@ -14,7 +14,7 @@ llama2.c's tokenizer.py does. Two references check llamanp's encoder:
 import random
 import re
 import struct
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,13 +281,35 @@ def test_byte_fallback_beyond_a_small_vocabulary_is_an_error(tmp_path):
     assert "0x62" in message and "6 tokens" in message
 
 
-def test_encoding_ten_kilobytes_is_not_quadratic(llama2):
-    # run.c's rescanning loop takes tens of seconds here; the heap, a tenth of one.
+def lines_run(fn, *args) -> int:
+    """How many lines of Python fn(*args) runs, in it and in all it calls: a
+    count of work which, unlike a clock, the machine and its load do not change."""
+    count = 0
+
+    def trace(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return trace
+
+    before = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        fn(*args)
+    finally:
+        sys.settrace(before)
+    return count
+
+
+def test_encoding_is_linear_in_the_text(llama2):
+    # run.c rescans the sequence for every merge: four times the text, about
+    # sixteen times the work (tens of seconds on 10 KB); the heap's work grows
+    # with the text. How fast it is: bench/tokenizer.py.
     text = (" ".join(CORPUS) * 4)[:10_000]
-    start = time.perf_counter()
-    ids = llama2.tok.encode(text)
-    assert time.perf_counter() - start < 2.0
-    assert ids == llama2.sp.encode(text)
+    assert llama2.tok.encode(text) == llama2.sp.encode(text)
+    ours = lines_run(llama2.tok.encode, text) / lines_run(llama2.tok.encode, text[:2_500])
+    runc = lines_run(llama2.runc.encode, text[:400]) / lines_run(llama2.runc.encode, text[:100])
+    assert runc > 10, runc            # the count sees a quadratic loop
+    assert ours < 5, ours
 
 
 # -- decoding ------------------------------------------------------------------
