@@ -19,7 +19,7 @@ Workspace lends again and again (the run state), not in fresh temporaries.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -61,9 +61,6 @@ def linear(x: np.ndarray, w_t, out=None) -> np.ndarray:
     return np.matmul(x, w_t, out=out)
 
 
-#: a compressed matrix is widened this many bytes of float32 at a time when it
-#: is streamed: small enough to stay in the CPU cache until the product reads it
-STREAM_CHUNK_BYTES = 1 << 20
 #: up to this many tokens in a pass (decoding; checking a few speculative
 #: proposals) stream compressed layers through the cache instead of widening
 #: them whole: a few rows do too little arithmetic to pay for writing every
@@ -72,84 +69,55 @@ STREAM_ROWS = 16
 
 
 class Streamed:
-    """A compressed matrix W [out, in] (a Packed), multiplied a few of its rows
-    at a time: each chunk of rows is widened into a small float32 scratch
-    buffer that is still in the CPU cache when the product reads it. For one
-    token this beats widening W whole (which writes it all out to memory and
-    reads it back); for many tokens the whole widened matrix and one gemm win,
-    except for the output matrix, which is never widened whole.
+    """A compressed matrix W [out, in] (a Packed), multiplied a piece of rows
+    at a time: each piece is widened into a float32 buffer that is still in
+    the CPU's cache when the product reads it. For a few tokens this beats
+    widening W whole (which writes it all out to memory and reads it back);
+    for many tokens the whole widened matrix and one gemm win, except for
+    the output matrix, which is never widened whole.
 
-    With more than one thread (llamanp.parallel), each thread widens and
-    multiplies its own rows into its own scratch; every row's result is the
-    single-thread path's, bit for bit.
+    The pieces are the model's parallel.Ahead pieces first..first+len-1:
+    with more than one thread, worker threads widen them ahead of time. The
+    product runs on one BLAS thread (the other cores are widening), and
+    gives every row the bits of the whole matrix's product (parallel.ALIGN).
     """
 
-    def __init__(self, packed: Packed, scratch: np.ndarray):
-        self.packed = packed
-        self.scratch = scratch            # flat float32, shared by all Streamed
-        out_dim, in_dim = packed.shape
-        self.step = max(1, min(out_dim, len(scratch) // in_dim))
-        self._plans: dict = {}            # one row or many -> (pool, its pieces)
+    def __init__(self, ahead: parallel.Ahead, first: int, bounds: list, shape: tuple):
+        self.ahead = ahead
+        self.first = first                # the index of this matrix's first piece
+        self.bounds = bounds              # (lo, hi) rows of each piece
+        self.shape = shape                # (out, in)
 
     def times(self, x: np.ndarray, out=None) -> np.ndarray:
         """x @ W^T for rows x [T, in], float32 [T, out] (into `out` if given);
-        one row is a matrix-vector product per chunk, as in linear()."""
-        out_dim, in_dim = self.packed.shape
-        y = np.empty((len(x), out_dim), np.float32) if out is None else out
-        rows = parallel.pool()
-        if rows.size > 1:
-            self._times_shared(rows, x, y)
-            return y
-        for lo in range(0, out_dim, self.step):
-            hi = min(lo + self.step, out_dim)
-            chunk = self.scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim)
-            self.packed.rows(lo, hi).widen(out=chunk)
-            if len(x) == 1:
-                np.matmul(chunk, x[0], out=y[0, lo:hi])
-            else:
-                np.matmul(x, chunk.T, out=y[:, lo:hi])
+        one row is a matrix-vector product per piece, as in linear()."""
+        y = np.empty((len(x), self.shape[0]), np.float32) if out is None else out
+        bounds = self.bounds
+        if len(x) == 1:
+            def use(j, w):
+                lo, hi = bounds[j]
+                np.matmul(w, x[0], out=y[0, lo:hi])
+        else:
+            def use(j, w):
+                lo, hi = bounds[j]
+                np.matmul(x, w.T, out=y[:, lo:hi])
+        with threads.one_blas_thread():
+            self.ahead.each_widened(self.first, len(bounds), use)
         return y
 
-    def _times_shared(self, rows: "parallel.RowPool", x: np.ndarray, y: np.ndarray) -> None:
-        """times() with the rows shared out among the pool's threads."""
-        one = len(x) == 1
 
-        def job(pieces):
-            def run():
-                for packed, chunk, lo, hi in pieces:
-                    packed.widen(out=chunk)
-                    if one:
-                        np.matmul(chunk, x[0], out=y[0, lo:hi])
-                    else:
-                        np.matmul(x, chunk.T, out=y[:, lo:hi])
-            return run
-        with threads.one_blas_thread():
-            rows.run([job(p) for p in self._plan(rows, one)])
-
-    def _plan(self, rows: "parallel.RowPool", one: bool) -> list:
-        """Per thread: (Packed rows, scratch view, lo, hi) of each of its
-        pieces. One row takes pieces cut inside the single-thread chunks
-        (see parallel.split_rows); many rows keep the chunks whole (a gemm's
-        rows and columns do not change how each element is summed, but the
-        chunks are big enough to share out as they are)."""
-        held = self._plans.get(one)
-        if held is not None and held[0] is rows:
-            return held[1]
-        out_dim, in_dim = self.packed.shape
-        if one:
-            split = parallel.split_rows(out_dim, self.step, rows.size,
-                                        parallel.PIECE_ELEMENTS // in_dim)
-        else:
-            split = parallel.split_rows(out_dim, self.step, rows.size, self.step,
-                                        align=self.step)
-        plan = []
-        for k, pieces in enumerate(split):
-            scratch = rows.scratch(k, len(self.scratch))
-            plan.append([(self.packed.rows(lo, hi),
-                          scratch[:(hi - lo) * in_dim].reshape(hi - lo, in_dim), lo, hi)
-                         for lo, hi in pieces])
-        self._plans[one] = (rows, plan)
-        return plan
+def stream_all(matrices: list) -> tuple[parallel.Ahead, list]:
+    """The compressed matrices (Packed [out, in], in the order a forward pass
+    multiplies by them) cut into pieces: one parallel.Ahead over all of
+    them, and a Streamed for each."""
+    pieces, spans, streamed = [], [], []
+    for w in matrices:
+        bounds = parallel.cut_rows(*w.shape)
+        spans.append((len(pieces), len(bounds)))
+        streamed.append((len(pieces), bounds, w.shape))
+        pieces.extend(w.rows(lo, hi) for lo, hi in bounds)
+    ahead = parallel.Ahead(pieces, spans)
+    return ahead, [Streamed(ahead, first, bounds, shape) for first, bounds, shape in streamed]
 
 
 _MINUS_LOG2_E = np.float32(-math.log2(math.e))
@@ -533,18 +501,16 @@ class Model:
         self.output = self.tok_embeddings if cfg.tied_embeddings else t["output.weight"]
         self.norm = t["norm.weight"]
         # One float32 buffer per compressed matrix role (wqkv, wo, w13, w2),
-        # shaped as stored; the Layers of all layers view the same buffers.
-        # A single token streams compressed matrices through one small scratch
-        # instead (never larger than the largest compressed matrix).
-        compressed = [w for w in t.values() if isinstance(w, Packed) and w.ndim == 2]
-        largest = max((int(np.prod(w.shape)) for w in compressed), default=0)
-        self._scratch = np.empty(min(STREAM_CHUNK_BYTES // 4, largest), np.float32)
+        # shaped as stored; the Layers of all layers view the same buffers
+        # (passes of many tokens widen a layer whole). Passes of a few tokens
+        # stream the compressed matrices instead, piece by piece, in the
+        # order of the forward pass (stream_all).
         self._buffers: dict[str, np.ndarray] = {}
         self._layers: list[Layer] = []            # float32 [in, out] views
-        self._streamed: list[Layer] = []          # the same, compressed ones Streamed
         self._to_widen: list[list] = []           # per layer: (buffer, Packed) pairs
+        in_order = []          # (layer, field, Packed): the compressed matrices, as used
         for i in range(cfg.n_layers):
-            fields, streamed, packed = {}, {}, []
+            fields, packed = {}, []
             for field, name in _LAYER_TENSORS:
                 w = t[f"layers.{i}.{name}"]
                 if isinstance(w, Packed):
@@ -552,16 +518,24 @@ class Model:
                     if buf is None:
                         buf = self._buffers[field] = np.empty(w.shape, np.float32)
                     packed.append((buf, w))
-                    streamed[field] = Streamed(w, self._scratch)
+                    in_order.append((i, field, w))
                     w = buf
                 fields[field] = w.T if field.endswith("_t") else w
-                streamed.setdefault(field, fields[field])
             self._layers.append(Layer(**fields))
-            self._streamed.append(Layer(**streamed))
             self._to_widen.append(packed)
         self._widened: Optional[int] = None       # the layer now in the buffers
-        self._output_streamed = (Streamed(self.output, self._scratch)
-                                 if isinstance(self.output, Packed) else None)
+        if isinstance(self.output, Packed):
+            in_order.append((None, "output", self.output))
+        self._ahead, streamed = stream_all([w for _, _, w in in_order])
+        # the same Layers with their compressed matrices Streamed
+        swap: list[dict] = [{} for _ in range(cfg.n_layers)]
+        self._output_streamed = None
+        for (i, field, _), s in zip(in_order, streamed):
+            if i is None:
+                self._output_streamed = s
+            else:
+                swap[i][field] = s
+        self._streamed = [replace(layer, **swap[i]) for i, layer in enumerate(self._layers)]
         self.rope = RopeTable(cfg)
         self._work = Workspace()                  # the run state, reused
 
@@ -612,7 +586,7 @@ class Model:
     @property
     def buffer_bytes(self) -> int:
         """Bytes of the float32 buffers that compressed weights are widened into."""
-        return sum(b.nbytes for b in self._buffers.values()) + self._scratch.nbytes
+        return sum(b.nbytes for b in self._buffers.values()) + self._ahead.nbytes
 
     # -- the forward pass ----------------------------------------------------------
     def forward(self, tokens, start: int, cache: KVCache, n_logits: int = 1,
@@ -643,6 +617,14 @@ class Model:
         at each named point (embed, blocks.{i}.resid_pre, ...); a hook may
         change the value in place. See llamanp.inspect.
         """
+        if len(tokens) <= STREAM_ROWS and self._ahead.pieces:
+            # compressed weights streamed: the other cores widen them, and a
+            # BLAS thread pool would only fight them for the cores
+            with threads.one_blas_thread():
+                return self._forward_batch(tokens, segments, n_logits, hooks)
+        return self._forward_batch(tokens, segments, n_logits, hooks)
+
+    def _forward_batch(self, tokens, segments, n_logits, hooks) -> np.ndarray:
         cfg = self.config
         T = len(tokens)
         H, eps = cfg.hidden_dim, cfg.norm_eps

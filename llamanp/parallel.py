@@ -1,43 +1,327 @@
-"""Row-parallel products: every core widens and multiplies its own rows.
+"""Row-parallel products of compressed matrices, widened ahead of time.
 
 Decoding one token with compressed weights (f16, bf16, q8_0) widens every
-matrix to float32 a cache-sized piece at a time and multiplies each piece
-by the token's vector (model.Streamed). Both steps are NumPy calls that
-release the GIL while they run, so Python threads can do them side by side
-on different rows of the same matrix:
+matrix to float32, a piece of rows at a time, and multiplies each piece by
+the token's vector (model.Streamed). Widening costs several times what the
+product does, so every core widens and multiplies pieces of each matrix:
+the caller takes the matrix's pieces from the front, the worker threads
+from the back, until they meet.
 
-    thread 0: rows    0..a   widen piece, gemv, widen piece, gemv, ...
-    thread 1: rows    a..b   widen piece, gemv, ...
-    ...
+Widening does not depend on the token, so a worker need not wait for the
+vector: while the caller is busy elsewhere (attention, norms, the previous
+matrix's pieces), each worker widens the back half of the next matrices
+into buffers of its own, up to SLOTS pieces, and multiplies them when their
+vector arrives:
 
-Each thread owns a scratch buffer for its pieces, and the BLAS runs on one
-thread inside them (threads.one_blas_thread): the cores are already busy.
-A row's result is the dot product the single-thread path computes, bit for
-bit: the pieces only ever split a single-thread chunk at a multiple of ALIGN
-rows from its start, and BLAS's matrix-vector kernels take the rows of a
-call in blocks of at most ALIGN, from its first row, each block's rows
-computed alike (tests/test_parallel.py checks it on the model's shapes).
+    caller:  [attention]    wqkv 0 ->           [rope, attention]   wo 0
+    worker:  widen wqkv 1, widen w13 3, w13 2   wqkv 1 ->  widen ...
 
-The pool's size is threads.wanted_threads() (`--threads N`); one thread
-means the single-thread path, unchanged.
+To know what comes next, the pieces are numbered in the order the forward
+pass uses them (layer 0's wqkv, wo, w13, w2, layer 1's, ..., the output
+matrix; then again for the next token). A pass that does not follow that
+order (one that skips the output matrix, a logit lens that runs it once per
+layer) only drops the pieces widened ahead: the order is a guess that can
+cost wasted work, never a wrong result.
+
+Each thread multiplies the pieces it widened itself, from its own buffers:
+a widened piece never moves between cores (handing 2 MB of float32 from one
+core's cache to another's costs more than widening it). NumPy releases the
+GIL inside each call, so the threads really run side by side; the pieces are
+large (PIECE_ELEMENTS) so that each call takes far longer than handing the
+GIL over, and the threads meet about once per piece.
+
+Every piece starts a multiple of ALIGN rows into its matrix. BLAS's
+matrix-vector product takes the rows of a call in blocks of at most ALIGN,
+from its first row, and computes every full block alike, so the product of
+a matrix piece by piece is the product of the whole matrix, bit for bit
+(tests/test_parallel.py checks it on real shapes): a compressed model
+decodes exactly as the float32 model of its widened weights does, with any
+number of threads.
+
+The thread count is threads.wanted_threads() (`--threads N`): N - 1 workers.
+One thread means no workers: the caller widens every piece itself.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from . import threads
 
-#: pieces of a row-parallel product start at a multiple of this many rows
-#: from the start of the single-thread chunk they belong to
+#: pieces of a matrix start at multiples of this many rows
 ALIGN = 32
-#: float32 elements per piece: widened and multiplied while in the L2 cache
-PIECE_ELEMENTS = 1 << 16
+#: about this many float32 elements per piece (2 MiB): big enough that one
+#: NumPy call on it takes far longer than handing the GIL over
+PIECE_ELEMENTS = 1 << 19
+#: pieces a worker may hold widened ahead of their vector
+SLOTS = 4
+HALF = 0.5
 
+
+def cut_rows(out_dim: int, in_dim: int, piece: Optional[int] = None,
+             align: int = ALIGN) -> list[tuple[int, int]]:
+    """Rows 0..out_dim-1 as (lo, hi) pieces of about equal size and at most
+    about `piece` (PIECE_ELEMENTS) elements each, every cut at a multiple
+    of `align` rows."""
+    piece = PIECE_ELEMENTS if piece is None else piece
+    blocks = -(-out_dim // align)                        # of `align` rows
+    n = -(-blocks // max(1, piece // (align * in_dim)))  # pieces
+    cuts = [min(out_dim, align * (blocks * k // n)) for k in range(n)] + [out_dim]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+Use = Callable[[int, np.ndarray], None]
+
+
+class Ahead:
+    """The pieces of a model's compressed matrices, in the order its forward
+    pass uses them, multiplied (each_widened) by every thread, and widened
+    ahead of time by the workers (see the module docstring).
+
+    `pieces`: quant.Packed (or anything with `.shape` [rows, in],
+    `.widen(out=)` and `.keep_scales()`); `matrices`: (first piece, number of pieces) of each
+    matrix, in order.
+    """
+
+    def __init__(self, pieces: Sequence, matrices: Sequence[tuple[int, int]],
+                 slots: Optional[int] = None):
+        self.pieces = list(pieces)
+        self.matrices = list(matrices)
+        self.slots = SLOTS if slots is None else slots
+        self.size = max((p.shape[0] * p.shape[1] for p in self.pieces), default=0)
+        self.own = np.empty(self.size, np.float32)     # the caller's piece buffer
+        self.scale_bytes = None     # q8_0 scales kept as float32, once streaming starts
+        self._crew: Optional[_Crew] = None
+        self._stop_crew: Optional[weakref.finalize] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of float32 the pieces are widened into: the caller's buffer
+        and the workers' own."""
+        crew = 0 if self._crew is None else self._crew.workers * self.slots * self.size * 4
+        return self.own.nbytes + crew + (self.scale_bytes or 0)
+
+    def each_widened(self, first: int, n: int, use: Use) -> None:
+        """Call use(j, piece first + j widened: float32 [rows, in]) for each j
+        in 0..n-1 -- the pieces of one matrix -- in any order and on any
+        thread; the array is valid only during the call."""
+        if self.scale_bytes is None:    # saves a step per piece from now on
+            self.scale_bytes = sum(p.keep_scales() for p in self.pieces)
+        crew = self._crew_now()
+        if crew is not None:
+            crew.each_widened(first, n, use, self.own)
+            return
+        for j in range(n):
+            piece = self.pieces[first + j]
+            use(j, piece.widen(out=_view(self.own, piece)))
+
+    def _crew_now(self) -> Optional["_Crew"]:
+        """The workers for the wanted thread count (None for one thread),
+        started, restarted or stopped as that count changes."""
+        want = threads.wanted_threads() - 1
+        crew = self._crew
+        if crew is not None and crew.workers == want and crew.usable():
+            return crew
+        start = 0
+        if crew is not None:
+            start = crew.stop()
+            self._stop_crew.detach()
+            self._crew = self._stop_crew = None
+        if want < 1 or not self.pieces:
+            return None
+        crew = self._crew = _Crew(self, want, start)
+        self._stop_crew = weakref.finalize(self, crew.stop)   # the workers end with this object
+        return crew
+
+
+def _view(buf: np.ndarray, piece) -> np.ndarray:
+    """The start of flat float32 `buf`, shaped as `piece`."""
+    return buf[:piece.shape[0] * piece.shape[1]].reshape(piece.shape)
+
+
+class _Crew:
+    """The worker threads of an Ahead and what they share with the caller,
+    under one lock. Pieces are counted on over tokens (count % n is the
+    piece), and so are matrices' starts.
+
+        done    the caller has finished every count before it
+        look    the start of the next matrix whose back half the workers may
+                widen ahead (at most one token past done)
+        floor   matrix start -> the lowest count of it the workers have claimed
+        job     the matrix the caller is multiplying now: its counts
+                front..back-1 are unclaimed; the caller claims from the
+                front, the workers from the back
+        owed    the job's counts the workers claimed and have not multiplied
+    """
+
+    def __init__(self, ahead: Ahead, workers: int, start: int):
+        self.pieces = ahead.pieces
+        self.n = len(self.pieces)
+        self.span = {}                   # a matrix's first piece -> its number of pieces
+        for first, count in ahead.matrices:
+            self.span[first] = count
+        self.size, self.slots, self.workers = ahead.size, ahead.slots, workers
+        self.cv = threading.Condition(threading.Lock())
+        self.done = self.look = start
+        self.floor: dict = {}
+        self.job: Optional[tuple[int, int, Use]] = None
+        self.front = self.back = self.owed = 0
+        self.using = 0                   # workers inside a `use` call now
+        self.sleepers = 0                # workers waiting for something to do
+        self.waiting = False             # the caller waits for the workers
+        self.error: Optional[BaseException] = None
+        self.stopped = False
+        self.pid = os.getpid()
+        for _ in range(workers):
+            threading.Thread(target=self._work, daemon=True, name="llamanp-widen").start()
+
+    def usable(self) -> bool:
+        # a forked child has none of its parent's threads
+        return not self.stopped and self.error is None and self.pid == os.getpid()
+
+    def stop(self) -> int:
+        """Tell the workers to end; returns the caller's position."""
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+            return self.done
+
+    # -- the caller's side ----------------------------------------------------------
+    def each_widened(self, first: int, n: int, use: Use, own: np.ndarray) -> None:
+        cv = self.cv
+        with cv:
+            start = self.done + (first - self.done) % self.n   # the next count of `first`
+            end = start + n
+            self._drop_before(start)
+            self.front, self.back = start, self.floor.pop(start, end)
+            self.owed = end - self.back
+            self.job = (start, end, use)
+            self.look = max(self.look, end)
+            if self.sleepers:
+                cv.notify_all()
+        try:
+            while True:
+                with cv:
+                    self._raise_error()
+                    if self.front < self.back:
+                        count = self.front
+                        self.front += 1
+                    elif self.owed == 0:
+                        break
+                    else:                      # the rest is the workers': wait
+                        self.waiting = True
+                        cv.wait()
+                        self.waiting = False
+                        continue
+                piece = self.pieces[count % self.n]
+                use(count - start, piece.widen(out=_view(own, piece)))
+        finally:
+            with cv:
+                # (also when `use` failed or was interrupted) no worker may
+                # call `use` once this returns: its output may be reused
+                self.job = None
+                while self.using:
+                    self.waiting = True
+                    cv.wait()
+                self.waiting = False
+                self._drop_before(end)
+
+    def _drop_before(self, count: int) -> None:
+        """The caller is done with every count before `count` (lock held)."""
+        if count > self.done:
+            self.done = count
+            self.look = max(self.look, count)
+            for start in [s for s in self.floor if s < count]:
+                del self.floor[start]
+            if self.sleepers:
+                self.cv.notify_all()
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            error, self.stopped = self.error, True
+            self.cv.notify_all()
+            raise error
+
+    # -- the workers' side ----------------------------------------------------------
+    def _next_ahead(self) -> Optional[int]:
+        """A count a worker may widen before its vector exists, claimed
+        (lock held): the back half of each matrix after the caller's, at most
+        one token ahead of the caller."""
+        while self.look < self.done + self.n:
+            start = self.look
+            count = self.span[start % self.n]
+            low = self.floor.get(start, start + count)
+            if low - 1 >= start + int(HALF * count):
+                self.floor[start] = low - 1
+                return low - 1
+            self.look = start + count
+        return None
+
+    def _work(self) -> None:
+        cv = self.cv
+        bufs = [np.empty(self.size, np.float32) for _ in range(self.slots)]
+        free = list(range(self.slots))
+        ahead: dict = {}                     # count -> slot: widened, waiting for its vector
+        while True:
+            with cv:
+                while True:
+                    if self.stopped:
+                        return
+                    for count in [c for c in ahead if c < self.done]:
+                        free.append(ahead.pop(count))        # dropped by the caller
+                    job = self.job
+                    if job is not None:
+                        start, end, use = job
+                        count = next((c for c in ahead if start <= c < end), None)
+                        if count is not None:                # widened ahead: multiply
+                            slot, widen = ahead.pop(count), False
+                            break
+                        if self.back > self.front and free:  # claim from the back
+                            self.back -= 1
+                            self.owed += 1
+                            count, slot, widen = self.back, free.pop(), True
+                            break
+                    if free:
+                        count = self._next_ahead()
+                        if count is not None:
+                            job, slot, widen = None, free.pop(), True
+                            break
+                    self.sleepers += 1
+                    cv.wait()
+                    self.sleepers -= 1
+                if job is not None:
+                    self.using += 1
+            piece = self.pieces[count % self.n]
+            out = _view(bufs[slot], piece)
+            try:
+                if widen:
+                    piece.widen(out=out)
+                if job is not None:
+                    use(count - start, out)
+                error = None
+            except BaseException as e:       # handed to the caller, raised there
+                error = e
+            with cv:
+                if job is not None:
+                    self.using -= 1
+                    self.owed -= 1
+                    free.append(slot)
+                elif error is None and count >= self.done:
+                    ahead[count] = slot
+                else:
+                    free.append(slot)
+                if error is not None and self.error is None:
+                    self.error = error
+                if self.waiting or error is not None:
+                    cv.notify_all()
+
+
+# -- whole matrices -----------------------------------------------------------------
 
 class _Worker:
     """A daemon thread that runs one job at a time when told to."""
@@ -73,26 +357,12 @@ class _Worker:
 
 class RowPool:
     """`size` threads: the caller and size - 1 workers; run(jobs) runs
-    jobs[k] on thread k (jobs[0] on the caller) and returns when all are done.
-
-    Thread k owns scratch(k, n), a float32 buffer it alone writes into.
-    """
+    jobs[k] on thread k (jobs[0] on the caller) and returns when all are done."""
 
     def __init__(self, size: int):
         self.size = max(1, int(size))
         self.broken = False
         self._workers = [_Worker() for _ in range(self.size - 1)]
-        self._scratch = [np.empty(0, np.float32) for _ in range(self.size)]
-
-    def scratch(self, k: int, n: int) -> np.ndarray:
-        """Thread k's flat float32 scratch, at least n elements (grown if needed)."""
-        if len(self._scratch[k]) < n:
-            self._scratch[k] = np.empty(n, np.float32)
-        return self._scratch[k]
-
-    @property
-    def scratch_bytes(self) -> int:
-        return sum(s.nbytes for s in self._scratch)
 
     def run(self, jobs: Sequence[Callable[[], None]]) -> None:
         if self.broken:
@@ -140,42 +410,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def split_rows(out_dim: int, chunk: int, n: int, piece: int,
-               align: int = ALIGN) -> list[list[tuple[int, int]]]:
-    """Rows 0..out_dim-1 of a matrix that the single-thread path multiplies
-    `chunk` rows at a time, shared out among n threads as contiguous ranges
-    of about out_dim / n rows, cut into pieces of at most `piece` rows: a
-    list of (lo, hi) pieces per thread.
-
-    Every cut is a chunk boundary or lies a multiple of `align` rows past
-    the start of its chunk, so that each row is computed as in the
-    single-thread path (see the module docstring; align=chunk keeps the
-    chunks whole). A thread may get no rows.
-    """
-    piece = max(align, piece - piece % align)
-
-    def cut_near(row: int) -> int:   # the allowed cut nearest to `row`
-        start = row - row % chunk
-        inside = round((row - start) / align) * align
-        return min(start + inside, min(start + chunk, out_dim))
-
-    bounds = [0] + [cut_near(out_dim * k // n) for k in range(1, n)] + [out_dim]
-    plan = []
-    for lo, hi in zip(bounds, bounds[1:]):
-        pieces = []
-        while lo < hi:
-            end = min(hi, lo - lo % chunk + chunk)             # stay inside the chunk
-            step = min(end - lo, piece)
-            pieces.append((lo, lo + step))
-            lo += step
-        plan.append(pieces)
-    return plan
-
-
 def widen_all(pairs: Sequence[tuple[np.ndarray, "object"]]) -> None:
     """Widen each (float32 buffer, Packed) pair into its buffer, the rows of
     every matrix shared out among the pool's threads (widening is exact
-    element by element, so any split gives the same buffer)."""
+    element by element, so any split gives the same buffer). Used for
+    passes of many tokens, which widen a layer whole."""
     rows = pool()
     if rows.size == 1:
         for buf, packed in pairs:

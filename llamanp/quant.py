@@ -37,9 +37,11 @@ Q8_BLOCK = 32
 #: the largest q8_0 block maximum: its scale max|x|/127 must fit in binary16
 Q8_MAX = 65504.0 * 127
 
-# Elements per piece when widening or encoding: 64K elements (256 KB of
-# float32) stay in a core's L2 cache across the few passes each decoder makes.
-_PIECE = 1 << 16
+# Elements per piece when widening: 1M elements (4 MB of float32) stay in the
+# L3 cache across the few passes each decoder makes. Smaller pieces would stay
+# in L2, but each piece costs a few NumPy calls, and measured on SmolLM2's
+# matrices the calls cost more than L3 does (bench/widen.py).
+_PIECE = 1 << 20
 # Elements per piece when encoding for the writer: 4M values (16 MB of float32)
 # bound the encoders' temporaries whatever the tensor's size.
 _ENCODE_PIECE = 1 << 22
@@ -199,7 +201,7 @@ _F16_SCALE = np.float32(2.0 ** 112)   # binary32 bias 127 - binary16 bias 15 = 1
 _F16_KEEP = np.int32(-0x70000001)
 
 
-def widen_f16(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+def widen_f16(src: np.ndarray, out: np.ndarray, finite: bool = False) -> np.ndarray:
     """binary16 -> float32 into `out` (same shape, C-contiguous); returns `out`.
 
     Each binary16, read as an int16 and sign-extended to 32 bits, shifted
@@ -213,7 +215,8 @@ def widen_f16(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     times faster than NumPy's own float16 cast. Infinities and NaNs
     (exponent 31) come out as finite values of magnitude 2^16 or more,
     which no finite binary16 reaches, so a piece holding one is handed to
-    NumPy's cast instead.
+    NumPy's cast instead -- unless the caller knows (`finite`, see
+    f16_finite) that `src` holds none, which saves the two passes that look.
     """
     bits = src.view(np.int16).reshape(-1)
     flat = _flat_out(out, bits.size)
@@ -224,29 +227,41 @@ def widen_f16(src: np.ndarray, out: np.ndarray) -> np.ndarray:
         o32 <<= 13
         o32 &= _F16_KEEP
         o *= _F16_SCALE
-        if o.max() >= 65536 or o.min() <= -65536:   # an infinity or a NaN in this piece
+        if not finite and (o.max() >= 65536 or o.min() <= -65536):   # an inf or NaN here
             np.copyto(o, b.view(np.float16))
     return out
+
+
+def f16_finite(src: np.ndarray) -> bool:
+    """Whether binary16 `src` holds no infinity or NaN (exponent bits all ones)."""
+    exponents = np.bitwise_and(src.view(np.uint16), 0x7C00)
+    return not (exponents == 0x7C00).any()
 
 
 def widen_bf16(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     """bfloat16 (uint16 bit patterns) -> float32 into `out`; returns `out`.
 
-    A bfloat16 is the upper half of a binary32, so widening is one shift of
-    each pattern into the upper half of a 32-bit word of `out`.
+    A bfloat16 is the upper half of a binary32, so widening puts each
+    pattern into the upper half of a 32-bit word of `out`: zero-extend it
+    (a plain copy into the uint32 view) and shift it left by 16 -- two
+    passes at memory speed, faster than one ufunc that casts as it shifts.
     """
     bits = src.reshape(-1)
     o32 = _flat_out(out, bits.size).view(np.uint32)
     for lo in range(0, len(bits), _PIECE):
-        np.left_shift(bits[lo:lo + _PIECE], 16, out=o32[lo:lo + _PIECE], dtype=np.uint32)
+        o = o32[lo:lo + _PIECE]
+        np.copyto(o, bits[lo:lo + _PIECE])
+        o <<= 16
     return out
 
 
 def widen_q8_0(quants: np.ndarray, scales: np.ndarray, out: np.ndarray) -> np.ndarray:
     """q8_0 -> float32 into `out` (the shape of `quants`); returns `out`.
 
-    Row piece by row piece: the int8 quants are converted into `out`, then
-    multiplied in place by their block's scale, broadcast over the block.
+    `scales` are the binary16 scales, or the same already widened to float32
+    (Packed.keep_scales). Row piece by row piece: the int8 quants are
+    converted into `out`, then multiplied in place by their block's scale,
+    broadcast over the block.
     """
     q = _rows(quants)
     rows, n = q.shape
@@ -255,14 +270,17 @@ def widen_q8_0(quants: np.ndarray, scales: np.ndarray, out: np.ndarray) -> np.nd
     d = _rows(scales)
     o3 = out.reshape(rows, n // Q8_BLOCK, Q8_BLOCK)
     step = max(1, _PIECE // n)
-    d32 = np.empty((min(step, rows), n // Q8_BLOCK, 1), np.float32)
+    if d.dtype != np.float32:
+        d32 = np.empty((min(step, rows), n // Q8_BLOCK), np.float32)
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         o = o3[lo:hi]
         np.copyto(o, q3[lo:hi])
-        dd = d32[:hi - lo]
-        np.copyto(dd[..., 0], d[lo:hi])
-        o *= dd
+        if d.dtype == np.float32:
+            dd = d[lo:hi]
+        else:
+            dd = widen_f16(d[lo:hi], d32[:hi - lo])    # NumPy's own f16 cast is slow
+        o *= dd[:, :, None]
     return out
 
 
@@ -281,7 +299,7 @@ class Packed:
         w.rows(0, 512).widen(out=buf[:512])      # a slice of a matrix, no allocation
     """
 
-    __slots__ = ("dtype", "shape", "data", "scales")
+    __slots__ = ("dtype", "shape", "data", "scales", "_finite", "_scales32")
 
     def __init__(self, dtype: str, data: np.ndarray, scales: Optional[np.ndarray] = None):
         if dtype not in ("f16", "bf16", "q8_0"):
@@ -292,6 +310,8 @@ class Packed:
         self.data = data          # float16 (f16), uint16 (bf16) or int8 quants (q8_0)
         self.scales = scales      # float16 [..., n/32], q8_0 only
         self.shape = tuple(data.shape)
+        self._finite: Optional[bool] = None   # f16: no inf/NaN (looked at on first widen)
+        self._scales32: Optional[np.ndarray] = None   # q8_0: keep_scales()
 
     @classmethod
     def from_buffer(cls, buffer, offset: int, dtype: str, shape: Sequence[int]) -> "Packed":
@@ -330,7 +350,9 @@ class Packed:
     def rows(self, start: int, stop: int) -> "Packed":
         """Rows start..stop-1 (first axis), as views."""
         scales = None if self.scales is None else self.scales[start:stop]
-        return Packed(self.dtype, self.data[start:stop], scales)
+        part = Packed(self.dtype, self.data[start:stop], scales)
+        part._finite = self._finite or None    # rows of a finite tensor are finite
+        return part
 
     def take(self, ids) -> "Packed":
         """The rows `ids` (any integer index array), copied compactly."""
@@ -346,10 +368,24 @@ class Packed:
         elif out.shape != self.shape:
             raise LlamanpError(f"internal: cannot widen {self!r} into {list(out.shape)}")
         if self.dtype == "f16":
-            return widen_f16(self.data, out)
+            if self._finite is None:
+                self._finite = f16_finite(self.data)
+            return widen_f16(self.data, out, finite=self._finite)
         if self.dtype == "bf16":
             return widen_bf16(self.data, out)
-        return widen_q8_0(self.data, self.scales, out)
+        scales = self.scales if self._scales32 is None else self._scales32
+        return widen_q8_0(self.data, scales, out)
+
+    def keep_scales(self) -> int:
+        """q8_0: widen the scales to float32 now and keep them, so that every
+        later widen() saves that step (a twelfth more memory than the q8_0
+        tensor itself); the bytes kept. Other dtypes: nothing, 0."""
+        if self.dtype != "q8_0":
+            return 0
+        if self._scales32 is None:
+            d = _rows(self.scales)
+            self._scales32 = widen_f16(d, np.empty(d.shape, np.float32))
+        return self._scales32.nbytes
 
     def __array__(self, dtype=None, copy=None):
         wide = self.widen()
