@@ -71,7 +71,9 @@ def test_cut_rows_covers_every_row_once_at_aligned_cuts(out_dim, in_dim):
     assert [lo for lo, _ in pieces] == [0] + [hi for _, hi in pieces[:-1]]   # contiguous
     assert pieces[-1][1] == out_dim
     assert all(lo % parallel.ALIGN == 0 and hi > lo for lo, hi in pieces)
-    biggest = max(parallel.PIECE_ELEMENTS, parallel.ALIGN * in_dim)
+    # pieces of PIECE_ELEMENTS, or of up to BIG_PIECE for matrices 8 times that
+    size = max(parallel.PIECE_ELEMENTS, min(parallel.BIG_PIECE, out_dim * in_dim // 8))
+    biggest = max(size, parallel.ALIGN * in_dim)
     assert all((hi - lo) * in_dim <= biggest * 1.1 for lo, hi in pieces)
     rows = [hi - lo for lo, hi in pieces[:-1]]
     if rows:                                  # about equal, but for the last
