@@ -134,11 +134,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def runtime(engine: str) -> str:
-    """Whose worker threads a task runs on: llamanp's storage-dtype variants
-    and the machine measures share numpy's BLAS with llamanp, so no pause
-    between them."""
-    return "llamanp" if engine.startswith("llamanp") or engine == "machine" else engine
+def runtime(t: "Task") -> str:
+    """Whose worker threads a task runs on: the machine measures share
+    numpy's BLAS with llamanp, so no pause between them. A storage-dtype
+    variant (llamanp-bf16, ...) decodes on llamanp's own widening threads,
+    with the BLAS held to one thread, and the BLAS threads that any batched
+    product before it leaves spinning (about 0.1 s) slow its first steps:
+    its decode counts as a runtime of its own."""
+    if t.engine.startswith("llamanp-"):
+        return f"{t.engine} {t.section}"
+    return "llamanp" if t.engine in ("llamanp", "machine") else t.engine
 
 
 def bandwidth_bound(t: Task) -> bool:
@@ -179,9 +184,9 @@ def run_round_robin(tasks: list[Task], runs: int, settle: float, warmup: bool) -
         last_engine = None
         readings: dict[int, list] = {id(t): [] for t in between}
         for t in with_readings(order, between):
-            if last_engine is not None and runtime(t.engine) != last_engine and settle > 0:
+            if last_engine is not None and runtime(t) != last_engine and settle > 0:
                 time.sleep(settle)
-            last_engine = runtime(t.engine)
+            last_engine = runtime(t)
             value = float(t.once())
             if t.between:
                 readings[id(t)].append(value)
