@@ -933,8 +933,8 @@ def render_dtypes(rep: Report) -> list[str]:
             f"kvcache inplace; prefill: a {n}-token prompt as one batch. `vs {base}`: this row "
             f"÷ the {base} row, run by run. Compute is float32 in every row: compressed weights "
             "are widened as they are used (a layer at a time into reused buffers, or, for one "
-            "token, a cache-sized chunk at a time): a smaller file saves memory and bytes "
-            "read, and adds the widening to every pass over the weights.",
+            "token, piece by piece by every thread, llamanp/parallel.py): a smaller file saves "
+            "memory and bytes read, and adds the widening to every pass over the weights.",
             "", (f"Peak RSS: {gen} tokens after a {prompt}-token prompt, kvcache inplace, in a "
                  "fresh process; MB are 2^20 bytes. " if any(rep.dtype_rss.values()) else
                  "Peak RSS not measured (--no-rss). ")

@@ -873,7 +873,7 @@ def load(path, tokenizer=None, widen: bool = False) -> Model:
     `widen`, compressed weights (f16, bf16, q8_0) are widened to float32 once,
     here, and the model runs at a float32 file's speed for the memory of the
     float32 weights (Model.widened_bytes); without it they are widened as
-    they are used, a layer (or, decoding, a cache-sized piece) at a time.
+    they are used, a layer (or, decoding, a piece of a matrix) at a time.
     """
     file = lmw.read(path)
     if tokenizer is None:

@@ -17,9 +17,9 @@ well inside binary32's 24), so a compressed model computes exactly what the
 float32 model whose weights are the dequantized values computes.
 
 The widening functions write into caller-owned float32 buffers and work
-through them in cache-sized pieces: each piece is decoded in two or three
-passes while it is still in the CPU cache, instead of streaming the whole
-tensor through memory once per pass.
+through them in pieces of up to 1M elements: each piece is decoded in two to
+four passes while it is still in the CPU cache, instead of streaming the
+whole tensor through memory once per pass.
 """
 
 from __future__ import annotations
