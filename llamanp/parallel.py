@@ -35,8 +35,11 @@ matrix-vector product takes the rows of a call in blocks of at most ALIGN,
 from its first row, and computes every full block alike, so the product of
 a matrix piece by piece is the product of the whole matrix, bit for bit
 (tests/test_parallel.py checks it on real shapes): a compressed model
-decodes exactly as the float32 model of its widened weights does, with any
-number of threads.
+decodes, with any number of threads, exactly as the float32 model of its
+widened weights does on one BLAS thread. (With more, OpenBLAS splits a
+float32 matrix-vector product at rows of its own choosing, which can change
+the last bits; the products here always run on one BLAS thread, through
+threads.one_blas_thread.)
 
 The thread count is threads.wanted_threads() (`--threads N`): N - 1 workers.
 One thread means no workers: the caller widens every piece itself.
@@ -78,6 +81,8 @@ def cut_rows(out_dim: int, in_dim: int, piece: Optional[int] = None,
     blocks = -(-out_dim // align)                        # of `align` rows
     n = -(-blocks // max(1, piece // (align * in_dim)))  # pieces
     cuts = [min(out_dim, align * (blocks * k // n)) for k in range(n)] + [out_dim]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+        del cuts[-2]     # one row alone is a dot product to NumPy, not BLAS's gemv
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
 
 
@@ -120,6 +125,8 @@ class Ahead:
             self.scale_bytes = sum(p.keep_scales() for p in self.pieces)
         crew = self._crew_now()
         if crew is not None:
+            if crew.span.get(first) != n:
+                raise ValueError(f"internal: pieces {first}..{first + n - 1} are not a matrix")
             crew.each_widened(first, n, use, self.own)
             return
         for j in range(n):
@@ -135,7 +142,7 @@ class Ahead:
             return crew
         start = 0
         if crew is not None:
-            start = crew.stop()
+            start = crew.stop(settle=True)
             self._stop_crew.detach()
             self._crew = self._stop_crew = None
         if want < 1 or not self.pieces:
@@ -168,11 +175,11 @@ class _Crew:
     def __init__(self, ahead: Ahead, workers: int, start: int):
         self.pieces = ahead.pieces
         self.n = len(self.pieces)
-        self.span = {}                   # a matrix's first piece -> its number of pieces
-        for first, count in ahead.matrices:
-            self.span[first] = count
+        self.span = dict(ahead.matrices)  # a matrix's first piece -> its number of pieces
         self.size, self.slots, self.workers = ahead.size, ahead.slots, workers
-        self.cv = threading.Condition(threading.Lock())
+        # reentrant: a garbage collection on a worker holding the lock may run
+        # Ahead's finalizer, which stops the crew under the same lock
+        self.cv = threading.Condition(threading.RLock())
         self.done = self.look = start
         self.floor: dict = {}
         self.job: Optional[tuple[int, int, Use]] = None
@@ -187,30 +194,39 @@ class _Crew:
             threading.Thread(target=self._work, daemon=True, name="llamanp-widen").start()
 
     def usable(self) -> bool:
-        # a forked child has none of its parent's threads
-        return not self.stopped and self.error is None and self.pid == os.getpid()
+        # a forked child has none of its parent's threads; a worker's error
+        # keeps the crew until the next call has raised it (_raise_error)
+        return not self.stopped and self.pid == os.getpid()
 
-    def stop(self) -> int:
-        """Tell the workers to end; returns the caller's position."""
+    def stop(self, settle: bool = False) -> int:
+        """Tell the workers to end; returns the caller's position. With
+        `settle`, first wait until no worker is inside a `use` call (one the
+        caller was interrupted in), so that it writes nothing later."""
+        if self.pid != os.getpid():      # forked: the lock may be held by a thread
+            self.stopped = True          # that does not exist here
+            return self.done
         with self.cv:
             self.stopped = True
             self.cv.notify_all()
+            while settle and self.using:
+                self.waiting = True       # (a worker leaving `use` then notifies)
+                self.cv.wait()
             return self.done
 
     # -- the caller's side ----------------------------------------------------------
     def each_widened(self, first: int, n: int, use: Use, own: np.ndarray) -> None:
         cv = self.cv
-        with cv:
-            start = self.done + (first - self.done) % self.n   # the next count of `first`
-            end = start + n
-            self._drop_before(start)
-            self.front, self.back = start, self.floor.pop(start, end)
-            self.owed = end - self.back
-            self.job = (start, end, use)
-            self.look = max(self.look, end)
-            if self.sleepers:
-                cv.notify_all()
+        start = self.done + (first - self.done) % self.n   # the next count of `first`
+        end = start + n                  # (only the caller moves done)
         try:
+            with cv:
+                self._drop_before(start)
+                self.front, self.back = start, self.floor.pop(start, end)
+                self.owed = end - self.back
+                self.job = (start, end, use)
+                self.look = max(self.look, end)
+                if self.sleepers:
+                    cv.notify_all()
             while True:
                 with cv:
                     self._raise_error()
@@ -227,15 +243,22 @@ class _Crew:
                 piece = self.pieces[count % self.n]
                 use(count - start, piece.widen(out=_view(own, piece)))
         finally:
-            with cv:
-                # (also when `use` failed or was interrupted) no worker may
-                # call `use` once this returns: its output may be reused
-                self.job = None
-                while self.using:
-                    self.waiting = True
-                    cv.wait()
-                self.waiting = False
-                self._drop_before(end)
+            # also when `use` failed or the caller was interrupted: the job
+            # ends, and no worker may call `use` once this returns (its
+            # output may be reused); interrupted here too, the crew is
+            # dropped, and the next one waits for the workers' last `use`
+            try:
+                with cv:
+                    self.job = None
+                    self.waiting = False
+                    self._drop_before(end)
+                    while self.using:
+                        self.waiting = True
+                        cv.wait()
+                    self.waiting = False
+            except BaseException:
+                self.stopped = True
+                raise
 
     def _drop_before(self, count: int) -> None:
         """The caller is done with every count before `count` (lock held)."""
@@ -269,11 +292,22 @@ class _Crew:
         return None
 
     def _work(self) -> None:
+        try:
+            self._work_loop()
+        except BaseException as e:   # a bug here must not leave the caller waiting
+            with self.cv:
+                if self.error is None:
+                    self.error = e
+                self.stopped = True
+                self.cv.notify_all()
+
+    def _work_loop(self) -> None:
         cv = self.cv
         bufs = [np.empty(self.size, np.float32) for _ in range(self.slots)]
         free = list(range(self.slots))
         ahead: dict = {}                     # count -> slot: widened, waiting for its vector
         while True:
+            use = job = None                 # (holds no caller's arrays while asleep)
             with cv:
                 while True:
                     if self.stopped:
@@ -297,6 +331,7 @@ class _Crew:
                         if count is not None:
                             job, slot, widen = None, free.pop(), True
                             break
+                    use = job = None
                     self.sleepers += 1
                     cv.wait()
                     self.sleepers -= 1

@@ -92,6 +92,22 @@ def test_gemv_rows_do_not_depend_on_aligned_cuts(out_dim, in_dim, restore_thread
         assert np.array_equal(np.concatenate([w[:cut] @ x, w[cut:] @ x]), whole), cut
 
 
+@pytest.mark.parametrize("out_dim,in_dim", [(960, 576), (49152, 576), (4096, 14336),
+                                            (33, 16385), (65, 9000), (97, 4097), (1, 576),
+                                            (31, 64)])
+def test_the_pieces_multiply_as_the_whole_matrix_does(out_dim, in_dim, restore_threads):
+    """Piece by piece, every row gets the whole matrix-vector product's bits
+    (cut_rows never leaves one row alone: NumPy hands a single row to a dot
+    product, whose sum is not gemv's)."""
+    threads.set_threads(1)
+    rng = np.random.default_rng(out_dim * in_dim)
+    w = rng.standard_normal((out_dim, in_dim)).astype(np.float32)
+    x = rng.standard_normal(in_dim).astype(np.float32)
+    pieces = parallel.cut_rows(out_dim, in_dim, piece=4096)       # small pieces: many cuts
+    assert len(pieces) == 1 or all(hi - lo > 1 for lo, hi in pieces)
+    assert np.array_equal(np.concatenate([w[lo:hi] @ x for lo, hi in pieces]), w @ x)
+
+
 def _write_model(path, seed):
     """A small random model whose matrices are several pieces each with
     small_pieces: dim 128, hidden 352, vocab 1000."""
@@ -245,6 +261,48 @@ def test_an_error_in_the_callers_product_leaves_no_worker_writing(restore_thread
             seen.append(j), np.testing.assert_array_equal(w, want[f + j])))
         assert sorted(seen) == list(range(count2))
     assert len(calls) == after                # nothing more of the interrupted call
+
+
+def test_a_workers_error_recorded_between_calls_is_raised_by_the_next(restore_threads):
+    threads.set_threads(2)
+    ahead, matrices, want = _protocol_model(9)
+    first, count = matrices[0]
+    ahead.each_widened(first, count, lambda j, w: None)
+    crew = ahead._crew
+    with crew.cv:                        # as a worker records a failed widening
+        crew.error = ValueError("widening ahead failed")
+    with pytest.raises(ValueError, match="widening ahead failed"):
+        ahead.each_widened(*matrices[1], lambda j, w: None)
+    seen = []                            # then a new crew, and right pieces
+    ahead.each_widened(*matrices[2], lambda j, w: seen.append(
+        np.array_equal(w, want[matrices[2][0] + j])))
+    assert seen == [True] * matrices[2][1] and ahead._crew is not crew
+
+
+def test_an_interrupt_while_posting_a_matrix_leaves_the_crew_right(monkeypatch,
+                                                                   restore_threads):
+    threads.set_threads(2)
+    ahead, matrices, want = _protocol_model(10)
+    for first, count in matrices:        # workers now hold pieces widened ahead
+        ahead.each_widened(first, count, lambda j, w: None)
+    crew = ahead._crew
+    real = crew._drop_before
+    calls = []
+
+    def interrupted(count):
+        calls.append(count)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(count)
+    monkeypatch.setattr(crew, "_drop_before", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ahead.each_widened(*matrices[0], lambda j, w: None)
+    for _ in range(2):
+        for first, count in matrices:
+            seen = []
+            ahead.each_widened(first, count, lambda j, w, f=first: seen.append(
+                (j, np.array_equal(w, want[f + j]))))
+            assert sorted(seen) == [(j, True) for j in range(count)]
 
 
 def test_deleting_a_model_ends_its_workers(tmp_path, small_pieces, restore_threads):
