@@ -334,6 +334,10 @@ def attend_one(qg: np.ndarray, keys: np.ndarray, values: np.ndarray,
     mask: a single new token sees everything.
     """
     n_kv, group, _, hd = qg.shape
+    # The two kinds of storage keep their own shapes on purpose: the scores'
+    # shape decides how BLAS sums them (the plain path's [n_kv, group, 1,
+    # seen] makes every head's softmax sum a call of its own), and changing
+    # it would change the last bits of every result computed so far.
     if not isinstance(keys, np.ndarray):     # narrow storage, widened block by block
         w, sums = softmax_parts(lambda: times_keys(qg.reshape(n_kv, group, hd), keys))
         if observe is not None:
