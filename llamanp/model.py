@@ -558,11 +558,16 @@ class Model:
         that the model then runs as a float32 file does: no widening per
         token, for the memory of the float32 weights."""
         tensors = dict(tensors)
-        pairs = []
-        for name, w in tensors.items():
-            if isinstance(w, Packed):
-                tensors[name] = np.empty(w.shape, np.float32)
-                pairs.append((tensors[name], w))
+        packed = [(name, w) for name, w in tensors.items() if isinstance(w, Packed)]
+        # one buffer, the tensors one after the other in the file's order, as
+        # a float32 file lays them out: decoding reads them in that order
+        sizes = [-(-int(np.prod(w.shape)) // 16) * 16 for _, w in packed]   # 64-byte steps
+        flat = np.empty(sum(sizes), np.float32)
+        pairs, at = [], 0
+        for (name, w), size in zip(packed, sizes):
+            tensors[name] = flat[at:at + int(np.prod(w.shape))].reshape(w.shape)
+            pairs.append((tensors[name], w))
+            at += size
         parallel.widen_all(pairs)
         self.widened_bytes = sum(buf.nbytes for buf, _ in pairs)
         return tensors
