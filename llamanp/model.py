@@ -119,13 +119,12 @@ def stream_all(matrices: list) -> tuple[parallel.Ahead, list]:
     """The compressed matrices (Packed [out, in], in the order a forward pass
     multiplies by them) cut into pieces: one parallel.Ahead over all of
     them, and a Streamed for each."""
-    pieces, spans, streamed = [], [], []
+    pieces, streamed = [], []
     for w in matrices:
         bounds = parallel.cut_rows(*w.shape)
-        spans.append((len(pieces), len(bounds)))
         streamed.append((len(pieces), bounds, w.shape))
         pieces.extend(w.rows(lo, hi) for lo, hi in bounds)
-    ahead = parallel.Ahead(pieces, spans)
+    ahead = parallel.Ahead(pieces, [(first, len(bounds)) for first, bounds, _ in streamed])
     return ahead, [Streamed(ahead, first, bounds, shape) for first, bounds, shape in streamed]
 
 

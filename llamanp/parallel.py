@@ -71,16 +71,15 @@ BIG_PIECE = 1 << 20
 SLOTS = 2
 
 
-def cut_rows(out_dim: int, in_dim: int, piece: Optional[int] = None,
-             align: int = ALIGN) -> list[tuple[int, int]]:
+def cut_rows(out_dim: int, in_dim: int, piece: Optional[int] = None) -> list[tuple[int, int]]:
     """Rows 0..out_dim-1 as (lo, hi) pieces of about equal size and at most
     about `piece` (PIECE_ELEMENTS) elements each, every cut at a multiple
-    of `align` rows."""
+    of ALIGN rows."""
     if piece is None:     # big matrices in big pieces: fewer meetings of the threads
         piece = max(PIECE_ELEMENTS, min(BIG_PIECE, out_dim * in_dim // 8))
-    blocks = -(-out_dim // align)                        # of `align` rows
-    n = -(-blocks // max(1, piece // (align * in_dim)))  # pieces
-    cuts = [min(out_dim, align * (blocks * k // n)) for k in range(n)] + [out_dim]
+    blocks = -(-out_dim // ALIGN)                        # of ALIGN rows
+    n = -(-blocks // max(1, piece // (ALIGN * in_dim)))  # pieces
+    cuts = [min(out_dim, ALIGN * (blocks * k // n)) for k in range(n)] + [out_dim]
     if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
         del cuts[-2]     # one row alone is a dot product to NumPy, not BLAS's gemv
     return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
@@ -461,6 +460,9 @@ def widen_all(pairs: Sequence[tuple[np.ndarray, "object"]]) -> None:
         for buf, packed in pairs:
             packed.widen(out=buf)
         return
+
+    for _, packed in pairs:
+        packed.look_finite()    # once per tensor, not per slice and pass
 
     def job(k: int):
         def run():

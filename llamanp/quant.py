@@ -352,6 +352,8 @@ class Packed:
         scales = None if self.scales is None else self.scales[start:stop]
         part = Packed(self.dtype, self.data[start:stop], scales)
         part._finite = self._finite or None    # rows of a finite tensor are finite
+        if self._scales32 is not None:
+            part._scales32 = self._scales32[start:stop]
         return part
 
     def take(self, ids) -> "Packed":
@@ -368,13 +370,18 @@ class Packed:
         elif out.shape != self.shape:
             raise LlamanpError(f"internal: cannot widen {self!r} into {list(out.shape)}")
         if self.dtype == "f16":
-            if self._finite is None:
-                self._finite = f16_finite(self.data)
-            return widen_f16(self.data, out, finite=self._finite)
+            return widen_f16(self.data, out, finite=self.look_finite())
         if self.dtype == "bf16":
             return widen_bf16(self.data, out)
         scales = self.scales if self._scales32 is None else self._scales32
         return widen_q8_0(self.data, scales, out)
+
+    def look_finite(self) -> bool:
+        """f16: whether the tensor holds no inf/NaN, looked at once and
+        remembered (widening then skips its own look). Other dtypes: True."""
+        if self._finite is None:
+            self._finite = self.dtype != "f16" or f16_finite(self.data)
+        return self._finite
 
     def keep_scales(self) -> int:
         """q8_0: widen the scales to float32 now and keep them, so that every

@@ -41,6 +41,7 @@ import numpy as np
 
 from .errors import LlamanpError
 from .generate import Generation, GenerationStats
+from .kvcache import require
 from .sampling import SamplingStep
 
 
@@ -170,8 +171,7 @@ class SpeculativeGeneration(Generation):
         if kw.get("fill1"):
             raise LlamanpError("speculative decoding cannot run with --fill1; drop one of them")
         super().__init__(*args, **kw)
-        if self.session.cache.recompute is False:
-            check_truncates(self.session.cache)
+        require(self.session.cache, "speculative decoding", truncates=True)
         self.drafter = drafter
         self.k = drafter.max_draft    # proposals asked for, adapted as they fare
         old = self.stats
@@ -264,9 +264,3 @@ class SpeculativeGeneration(Generation):
             return step.token if self.sampler.temperature == 0 else int(np.argmax(step.probs))
         return self.sampler.draw(rest / rest.sum())
 
-
-def check_truncates(cache) -> None:
-    """Refuse a KV cache that cannot forget its newest positions."""
-    if getattr(cache, "truncates", True) is False:
-        raise LlamanpError(f"speculative decoding needs a KV cache that can forget its "
-                           f"newest positions; {getattr(cache, 'spec', cache)} cannot")

@@ -411,12 +411,15 @@ def meta_inv_freq(head_dim: int, theta: float, scaling: Optional[dict]) -> np.nd
 
 
 def meta_forward(sd: dict[str, torch.Tensor], spec: ModelSpec, ids,
-                 gqa_cyclic: bool = False) -> np.ndarray:
+                 gqa_cyclic: bool = False, zero_head=None, add=None) -> np.ndarray:
     """Logits of a Meta-layout state dict, written from the model definition.
 
     gqa_cyclic=True deliberately gives query head j the kv head j % n_kv_heads
     instead of j // (n_heads/n_kv_heads): a classic GQA bug, used only to show
-    that the reference would catch it.
+    that the reference would catch it. Two changes made by hand, for the
+    interventions of llamanp.inspect: zero_head=(layer, head) zeroes that
+    head's mixed values before wo; add=(layer, vector) adds vector to the
+    residual stream after that layer.
     """
     W = {k: v.to(torch.float64).numpy() for k, v in sd.items()}
     T = len(ids)
@@ -450,12 +453,16 @@ def meta_forward(sd: dict[str, torch.Tensor], spec: ModelSpec, ids,
         s = np.einsum("thd,uhd->htu", q, k) / math.sqrt(hd) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
-        o = np.einsum("htu,uhd->thd", s, v).reshape(T, H * hd)
-        h = h + o @ W[p + "attention.wo.weight"].T
+        o = np.einsum("htu,uhd->thd", s, v)
+        if zero_head is not None and zero_head[0] == i:
+            o[:, zero_head[1]] = 0
+        h = h + o.reshape(T, H * hd) @ W[p + "attention.wo.weight"].T
         x = norm(h, W[p + "ffn_norm.weight"])
         a = x @ W[p + "feed_forward.w1.weight"].T
         g = a / (1 + np.exp(-a))
         h = h + (g * (x @ W[p + "feed_forward.w3.weight"].T)) @ W[p + "feed_forward.w2.weight"].T
+        if add is not None and add[0] == i:
+            h = h + add[1]
     h = norm(h, W["norm.weight"])
     return (h @ W["output.weight"].T).astype(np.float32)
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 
@@ -221,50 +220,6 @@ def test_chat_console_api_takes_hooks(lens_model):
 # interventions against a float64 reference forward pass
 # ---------------------------------------------------------------------------
 
-def reference_forward(sd, spec, ids, zero_head=None, add=None):
-    """Logits from a Meta-layout state dict in float64, with two changes made
-    by hand: zero_head=(layer, head) zeroes that head's mixed values before
-    wo; add=(layer, vector) adds vector to the residual stream after that
-    layer."""
-    W = {k: v.to(torch.float64).numpy() for k, v in sd.items()}
-    T, hd, H, KV = len(ids), spec.head_dim, spec.n_heads, spec.n_kv_heads
-    freqs = R.meta_inv_freq(hd, spec.rope_theta, spec.rope_scaling)
-    angle = np.arange(T)[:, None, None] * freqs                       # [T, 1, hd/2]
-
-    def norm(x, w):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.norm_eps) * w
-
-    def rope(x):
-        pairs = x[..., 0::2] + 1j * x[..., 1::2]
-        turned = pairs * np.exp(1j * angle)
-        return np.stack([turned.real, turned.imag], -1).reshape(x.shape)
-
-    x = W["tok_embeddings.weight"][ids]
-    future = np.triu(np.ones((T, T), bool), 1)
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        h = norm(x, W[p + "attention_norm.weight"])
-        q = rope((h @ W[p + "attention.wq.weight"].T).reshape(T, H, hd))
-        k = rope((h @ W[p + "attention.wk.weight"].T).reshape(T, KV, hd))
-        v = (h @ W[p + "attention.wv.weight"].T).reshape(T, KV, hd)
-        k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)
-        s = np.einsum("thd,uhd->htu", q, k) / math.sqrt(hd)
-        s[:, future] = -np.inf
-        w = np.exp(s - s.max(-1, keepdims=True))
-        w /= w.sum(-1, keepdims=True)
-        z = np.einsum("htu,uhd->thd", w, v)
-        if zero_head is not None and zero_head[0] == i:
-            z[:, zero_head[1]] = 0
-        x = x + z.reshape(T, H * hd) @ W[p + "attention.wo.weight"].T
-        h = norm(x, W[p + "ffn_norm.weight"])
-        g = h @ W[p + "feed_forward.w1.weight"].T
-        x = x + (g / (1 + np.exp(-g)) * (h @ W[p + "feed_forward.w3.weight"].T)) \
-            @ W[p + "feed_forward.w2.weight"].T
-        if add is not None and add[0] == i:
-            x = x + add[1]
-    return norm(x, W["norm.weight"]) @ W["output.weight"].T
-
-
 def zero_head_hook(head):
     def hook(z, name):
         out = z.copy()
@@ -286,10 +241,10 @@ def test_a_replacement_changes_the_output_as_the_same_change_by_hand(store, chan
         vector = np.random.default_rng(0).standard_normal(spec.dim)
         by_hand = dict(add=(0, vector))
         hooks = [("blocks.0.resid_post", steer_hook(vector.astype(np.float32)))]
-    want = reference_forward(sd, spec, ids, **by_hand)
-    plain = reference_forward(sd, spec, ids)
+    want = R.meta_forward(sd, spec, ids, **by_hand)      # float64, by hand
+    plain = R.meta_forward(sd, spec, ids)
     assert np.abs(want - plain).max() > 0.1          # the change matters
-    np.testing.assert_allclose(reference_forward(sd, spec, ids), ref.logits, atol=1e-4)
+    np.testing.assert_allclose(plain, ref.logits, atol=1e-4)
     got = model.run_with_hooks(ids, hooks)
     assert float(np.abs(got - want).max()) <= 1e-4
 

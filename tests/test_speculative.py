@@ -24,7 +24,6 @@ from conftest import run_cli
 from tinymodel import write_text_model, write_tiny
 
 import llamanp
-from llamanp import speculative
 from llamanp.errors import LlamanpError
 from llamanp.sampling import Sampler
 from llamanp.speculative import DraftModel, PromptLookup, SpeculativeGeneration
@@ -196,7 +195,7 @@ def test_cli_reports_proposals_and_prints_the_plain_text(tmp_path, sp_model):
 
 
 def test_speculation_refuses_a_cache_that_cannot_truncate(models):
-    class Keeper:
-        truncates, spec = False, "window"
+    target, _ = models
     with pytest.raises(LlamanpError, match="forget"):
-        speculative.check_truncates(Keeper())
+        SpeculativeGeneration(target, [1, 2, 3], 4, Sampler(0.0), drafter=PromptLookup(1, 3),
+                              stop_ids=(), kvcache="window:size=16")

@@ -37,10 +37,10 @@ class Evicting(HeldCache):
         self.size = options["size"]
         super().__init__(config, max_seq_len, **options)
 
-    def oldest(self, layer: int, n: int, keep_first: int = 0) -> np.ndarray:
+    def oldest(self, n: int, keep_first: int = 0) -> np.ndarray:
         """The slots of the n oldest positions, the first keep_first positions
-        excepted."""
-        p = self.pos[layer, :self.held]
+        excepted (every layer holds the same positions)."""
+        p = self.pos[0, :self.held]
         return np.flatnonzero((p >= keep_first) & (p < keep_first + self.evicted_so_far + n))
 
     @property
@@ -57,7 +57,7 @@ class Window(Evicting):
     name = "window"
 
     def drop_all(self, n):
-        return self.oldest(0, n)
+        return self.oldest(n)
 
 
 @register
@@ -93,9 +93,13 @@ class Sinks(Evicting):
         super().__init__(config, max_seq_len, **options)
         self.sinks, self.shift = options["sinks"], options["shift"] == "1"
         self.sink_keys = None   # the sinks' keys as first stored (shift=1)
+        if self.shift:
+            from ..model import rope_frequencies  # (model imports this package)
+            self.freqs = rope_frequencies(config.head_dim, config.rope_theta,
+                                          config.rope_scaling)
 
     def drop_all(self, n):
-        return self.oldest(0, n, keep_first=self.sinks)
+        return self.oldest(n, keep_first=self.sinks)
 
     def evicted(self, n):
         if self.shift:
@@ -105,12 +109,10 @@ class Sinks(Evicting):
         """Rotate the sink keys (slots 0..sinks-1) to their original
         positions + d: each interleaved pair (a, b) of head_dim turns by
         d x its frequency, as model.apply_rope does."""
-        from ..model import rope_frequencies  # (model imports this package)
         keys = self.store.planes["k"][..., :self.sinks]         # [L, n_kv, hd, sinks]
         if self.sink_keys is None:
             self.sink_keys = keys.copy()
-        cfg = self.config
-        angle = d * rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        angle = d * self.freqs
         cos = np.cos(angle).astype(np.float32)[:, None]
         sin = np.sin(angle).astype(np.float32)[:, None]
         a, b = self.sink_keys[:, :, 0::2], self.sink_keys[:, :, 1::2]

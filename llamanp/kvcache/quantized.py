@@ -30,12 +30,12 @@ import copy
 import numpy as np
 
 from ..errors import LlamanpError
-from ..quant import encode_bf16, encode_q8_0, widen_f16
+from ..quant import Q8_BLOCK, encode_bf16, encode_q8_0, widen_f16
 from .base import KVCache, Param, register, reserve
 
 #: storage types a position-holding strategy can keep its keys and values in
 DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-QBLOCK = 32            # llama.cpp's q8_0 / q4_0 block length
+QBLOCK = Q8_BLOCK      # llama.cpp's q8_0 / q4_0 block length
 BLOCK_BYTES = 1 << 19  # a widened block of positions: about this many bytes of float32
 
 
