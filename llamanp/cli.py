@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__, fileio, speedup
 from .beam import Beam, beam_score, beam_search, check_beam_args
-from .cliutil import ArgumentParser, prog_name, run_main
+from .cliutil import ArgumentParser, prog_name, refuse_flags, run_main
 from .console import add_chat_arguments, run_chat_from_args
 from .errors import LlamanpError
 from .generate import STOP_REASONS, Generation, GenerationStats, TokenLogprobs, check_stop_strings
@@ -292,7 +292,7 @@ def main(argv: Optional[list] = None) -> int:
         model = open_model(args)
         check_seqlength(args, model)
         n = DEFAULT_N_TOKENS if args.n_tokens is None else args.n_tokens
-        return run_chat_from_args(model, args, lambda: make_sampler(args, args.seed),
+        return run_chat_from_args(model, args, lambda: make_sampler(args),
                                   kvcache=kvcache, max_new_tokens=None if n == -1 else n,
                                   message=message)
     if not prompt_on_stdin(args) and args.prompt is None and args.file is None:
@@ -357,15 +357,6 @@ def refuse_with_chat(args) -> None:
     """Flags that make no sense in an interactive conversation."""
     refuse_flags(args, ("beams", "you_pick", "logprobs", "max_time", "sampler_history", "stop",
                         "fill1", "json", "no_display_prompt"), "{flag} cannot be used with --chat")
-
-
-def refuse_flags(args, names, message: str) -> None:
-    """Refuse the first of the options `names` that was given, with `message`
-    (which names it as {flag}): options that mean nothing in the chosen mode."""
-    for name in names:
-        if getattr(args, name) not in (None, False, [], ()):   # 0 == False: unset too
-            flag = {"prompt": "-i", "file": "-f"}.get(name, "--" + name.replace("_", "-"))
-            raise LlamanpError(message.format(flag=flag))
 
 
 # -- perplexity ----------------------------------------------------------------------
@@ -437,8 +428,8 @@ def run_batch(args, kvcache: str) -> int:
 
 # -- sampling ------------------------------------------------------------------------
 
-def make_sampler(args, seed: int) -> Sampler:
-    return Sampler(args.temp, args.topk, args.topp, seed, min_p=args.min_p,
+def make_sampler(args) -> Sampler:
+    return Sampler(args.temp, args.topk, args.topp, args.seed, min_p=args.min_p,
                    repetition_penalty=args.repeat_penalty,
                    frequency_penalty=args.frequency_penalty,
                    presence_penalty=args.presence_penalty, repeat_last_n=args.repeat_last_n,
@@ -450,7 +441,7 @@ def run_sampling(args, model: Model, prompt: str, ids: list, kvcache: str) -> di
     """Sample, streaming the text to stdout; returns the statistics. Ctrl-C ends
     generation where it is (stop reason "interrupted"), the rest goes on."""
     tok = model.tokenizer
-    sampler = make_sampler(args, args.seed)
+    sampler = make_sampler(args)
     chooser = Chooser(tok, prompt, YouPick(tok, sys.stdin, sys.stderr)
                       if args.you_pick else None)
     gen = speedup.generation_for(args, model)(

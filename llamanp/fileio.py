@@ -13,6 +13,7 @@ opened without blocking as well.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import stat
@@ -116,7 +117,7 @@ def check_output(path, what: str) -> None:
         raise LlamanpError(f"cannot write {what} {path}: it is a directory")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise LlamanpError(f"cannot write {what} {path}: no directory {parent}")
+        raise LlamanpError(f"cannot write {what} {path}: the directory {parent} does not exist")
 
 
 def write_text(path, what: str, text: str) -> None:
@@ -127,3 +128,12 @@ def write_text(path, what: str, text: str) -> None:
             f.write(text)
     except OSError as e:
         raise LlamanpError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def sha256(path) -> str:
+    """The SHA-256 of the file at `path`, hex, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -544,7 +544,7 @@ def text_ids(model, path: str, n: int, notes: list) -> list:
     if tok is None:
         raise LlamanpError("the model has no tokenizer; the lab needs one for the text "
                            "and the passkey test")
-    ids = tok.encode(read_text(path), bos=tok.bos_id is not None)[:n]
+    ids = tok.encode(read_text(path), bos=True)[:n]
     limit = model.config.max_seq_len + 1       # all but the last token go through the cache
     if len(ids) > limit:
         notes.append(f"the text is cut to {limit} tokens: the model's context is "

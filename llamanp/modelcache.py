@@ -32,7 +32,7 @@ import stat
 import sys
 from pathlib import Path
 
-from . import fetch, lmw
+from . import fetch, fileio, lmw
 from .errors import LlamanpError
 
 SMALL_FILE = 64 << 20      # up to this size a source file is identified by its contents
@@ -73,11 +73,7 @@ def source_identity(path: Path) -> dict:
         return {"dir": str(path), "files": [[p.name, *_size_mtime(p)] for p in files]}
     size, mtime = _size_mtime(path)
     if size <= SMALL_FILE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return {"sha256": h.hexdigest()}
+        return {"sha256": fileio.sha256(path)}
     return {"file": str(path), "size": size, "mtime_ns": mtime}
 
 

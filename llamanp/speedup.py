@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .cliutil import refuse_flags
 from .errors import LlamanpError
 
 DEFAULT_NGRAM = 3
@@ -47,16 +48,8 @@ def check_speed_args(args) -> None:
         return
     if args.draft == "":
         raise LlamanpError("--draft needs 'lookup' or a model file (.lmw)")
-    clashes = [flag for flag, on in (
-        ("--beams", getattr(args, "beams", None) is not None),
-        ("--batch", getattr(args, "batch", False)),
-        ("--chat", getattr(args, "chat", False)),
-        ("--you-pick", getattr(args, "you_pick", False)),
-        ("--sampler-history", getattr(args, "sampler_history", None)),
-        ("--fill1", getattr(args, "fill1", False)),
-        ("--perplexity", getattr(args, "perplexity", None) is not None)) if on]
-    if clashes:
-        raise LlamanpError(f"--draft cannot be combined with {clashes[0]}; drop one of them")
+    refuse_flags(args, ("beams", "batch", "chat", "you_pick", "sampler_history", "fill1",
+                        "perplexity"), "--draft cannot be combined with {flag}; drop one of them")
 
 
 def load_options(args) -> dict:

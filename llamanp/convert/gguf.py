@@ -103,8 +103,8 @@ def _gguf_package():
     try:
         import gguf  # the package, not this module: imports are absolute
     except ImportError:
-        raise LlamanpError("reading GGUF files needs the gguf package "
-                           "(pip install gguf)") from None
+        raise LlamanpError("reading GGUF files needs the gguf package, a dependency of "
+                           "llamanp that is missing here: pip install gguf") from None
     return gguf
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from ..cliutil import refuse_flags
+from ..fileio import check_output
 from ..errors import LlamanpError
-from .draw import check_writable, draw_attention, draw_lens, require_matplotlib
+from .draw import draw_attention, draw_lens, require_matplotlib
 from .hooks import run_with_cache
 from .lens import lens_text, logit_lens, token_label
 
@@ -53,13 +55,12 @@ def check_inspect_args(args) -> None:
     if not inspecting(args):
         return
     used = "--lens" if args.lens else "--attention-png"
-    for name in ("chat", "batch", "beams", "perplexity"):
-        if getattr(args, name, None) not in (None, False):
-            raise LlamanpError(f"{used} runs the prompt once instead of generating; it cannot "
-                               f"be combined with --{name}")
+    refuse_flags(args, ("chat", "batch", "beams", "perplexity"),
+                 used + " runs the prompt once instead of generating; it cannot be combined "
+                 "with {flag}")
     for flag, path in (("--lens-png", args.lens_png), ("--attention-png", args.attention_png)):
         if path is not None:
-            check_writable(path, flag)
+            check_output(path, flag)
             require_matplotlib(flag)
 
 

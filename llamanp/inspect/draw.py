@@ -52,15 +52,6 @@ def save(fig, path) -> Path:
     return path
 
 
-def check_writable(path, flag: str) -> None:
-    """Refuse a picture path whose folder does not exist (before any work)."""
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise LlamanpError(f"{flag} {path}: the folder {folder} does not exist")
-    if Path(path).is_dir():
-        raise LlamanpError(f"{flag} {path} is a folder; give a file name such as lens.png")
-
-
 def draw_lens(lens: Lens, tok, path) -> Path:
     """The usual logit lens picture: layers (rows, the last on top) by
     positions (columns, labelled with the input tokens), each cell coloured by
