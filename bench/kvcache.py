@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import llamanp  # noqa: E402
 from llamanp import threads  # noqa: E402
 from llamanp.cliutil import ArgumentParser, run_main  # noqa: E402
+from llamanp.errors import LlamanpError  # noqa: E402
 
 DEFAULT_SPECS = "inplace;inplace:dtype=q8_0;inplace:dtype=q4_0;sinks:size=512;h2o:size=512"
 CHUNK = 512
@@ -186,8 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--exact-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.threads:
-        threads.set_threads(args.threads)
+    if args.threads and not threads.set_threads(args.threads, reexec=True):
+        raise LlamanpError(f"could not set the threads to {args.threads}")
     if args.ab:
         return run_ab(args)
     model = llamanp.load(args.weights)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import run_cli
 from tinymodel import write_text_model
 
 from llamanp import fileio
@@ -102,19 +101,11 @@ def test_cli_refuses_special_files(text_model, specials, tmp_path, flag, kind):
 def test_chat_load_of_a_special_file_keeps_the_chat(text_model, specials, kind):
     """/load refuses the file with one line, and the console carries on."""
     script = f"/load {specials[kind]}\nhello\n"
-    p = subprocess.run([sys.executable, str(REPO / "llama-np.py"), "-w", str(text_model),
-                        "--chat", "-n", "3", "--temp", "0"],
-                       input=script, capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0, p.stderr
-    assert f"error: cannot load {specials[kind]}" in p.stdout + p.stderr
-    assert "Traceback" not in p.stderr
-
-
-def test_prompt_from_stdin(text_model):
-    p = subprocess.run([sys.executable, str(REPO / "llama-np.py"), "-w", str(text_model),
-                        "-f", "-", "-n", "3", "--temp", "0"],
-                       input="the cat", capture_output=True, text=True, timeout=TIMEOUT)
-    assert p.returncode == 0 and p.stdout.startswith("the cat"), p.stderr
+    rc, out, err = run_cli("llama-np.py", "-w", text_model, "--chat", "-n", "3", "--temp", "0",
+                           input=script, timeout=TIMEOUT)
+    assert rc == 0, err
+    assert f"error: cannot load {specials[kind]}" in out + err
+    assert "Traceback" not in err
 
 
 def test_beams_are_bounded(text_model):

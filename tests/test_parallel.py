@@ -85,8 +85,8 @@ def test_cut_rows_covers_every_row_once_at_aligned_cuts(out_dim, in_dim):
 def test_gemv_rows_do_not_depend_on_aligned_cuts(out_dim, in_dim, restore_threads):
     threads.set_threads(1)
     rng = np.random.default_rng(out_dim)
-    w = rng.standard_normal((out_dim, in_dim)).astype(np.float32)
-    x = rng.standard_normal(in_dim).astype(np.float32)
+    w = rng.standard_normal((out_dim, in_dim), dtype=np.float32)
+    x = rng.standard_normal(in_dim, dtype=np.float32)
     whole = w @ x
     for cut in range(parallel.ALIGN, out_dim, parallel.ALIGN):
         assert np.array_equal(np.concatenate([w[:cut] @ x, w[cut:] @ x]), whole), cut
@@ -101,31 +101,20 @@ def test_the_pieces_multiply_as_the_whole_matrix_does(out_dim, in_dim, restore_t
     product, whose sum is not gemv's)."""
     threads.set_threads(1)
     rng = np.random.default_rng(out_dim * in_dim)
-    w = rng.standard_normal((out_dim, in_dim)).astype(np.float32)
-    x = rng.standard_normal(in_dim).astype(np.float32)
+    w = rng.standard_normal((out_dim, in_dim), dtype=np.float32)
+    x = rng.standard_normal(in_dim, dtype=np.float32)
     pieces = parallel.cut_rows(out_dim, in_dim, piece=4096)       # small pieces: many cuts
     assert len(pieces) == 1 or all(hi - lo > 1 for lo, hi in pieces)
     assert np.array_equal(np.concatenate([w[lo:hi] @ x for lo, hi in pieces]), w @ x)
 
 
-def _write_model(path, seed):
-    """A small random model whose matrices are several pieces each with
-    small_pieces: dim 128, hidden 352, vocab 1000."""
-    cfg = Config(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=352,
-                 vocab_size=1000, norm_eps=1e-5, max_seq_len=64)
-    from llamanp import lmw
-    rng = np.random.default_rng(seed)
+#: a small model whose matrices are several pieces each with small_pieces
+SMALL = Config(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=352,
+               vocab_size=1000, norm_eps=1e-5, max_seq_len=64)
 
-    def make(name, shape):
-        def f():
-            scale = 1.0 if name.endswith("norm.weight") else shape[-1] ** -0.5
-            base = 1.0 if name.endswith("norm.weight") else 0.0
-            return (base + scale * rng.standard_normal(shape)).astype(np.float32)
-        return f
-    lmw.write(path, cfg, [lmw.TensorSource(n, s, make(n, s))
-                          for n, s in lmw.expected_shapes(cfg).items()],
-              None, {"source_format": "test"})
-    return path
+
+def _write_model(path, seed):
+    return write_tiny(path, SMALL.vocab_size, seed=seed, config=SMALL)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "q8_0", "f16"])

@@ -70,7 +70,7 @@ def test_greedy_output_is_plain_greedy_token_for_token(models, kvcache):
             assert list(gen) == plain, (prompt, drafter.name)
             assert gen.stats.generated_tokens == len(plain)
             proposed += gen.stats.proposed
-            if drafter.model is target if isinstance(drafter, DraftModel) else False:
+            if isinstance(drafter, DraftModel) and drafter.model is target:
                 assert gen.stats.accepted == gen.stats.proposed   # itself: all accepted
     assert proposed > 0
 
@@ -125,7 +125,7 @@ def _chi_square(counts, expected):
     return stat, cells - 1
 
 
-def _sampled_triples(target, prompt, runs, make, temperature):
+def _sampled_triples(runs, make, temperature):
     counts = np.zeros((8,) * 3)
     for seed in range(runs):
         toks = list(make(Sampler(temperature, seed=seed)))
@@ -149,15 +149,14 @@ def test_sampling_keeps_the_target_distribution(tmp_path, monkeypatch):
         "lookup": speculative_with(PromptLookup(1, 3)),
         "draft": speculative_with(DraftModel(draft, target, 3)),
     }
-    limit = None
     for name, make in makers.items():
-        counts = _sampled_triples(target, prompt, runs, make, temperature).sum(axis=0)
+        counts = _sampled_triples(runs, make, temperature).sum(axis=0)
         stat, dof = _chi_square(counts, expected)
         limit = _chi_square_limit(dof)
         assert stat < limit, f"{name}: chi-square {stat:.1f} >= {limit:.1f} ({dof} dof)"
     # a wrong rule (every proposal accepted) is seen by the same test
     monkeypatch.setattr(SpeculativeGeneration, "_accepts", lambda self, p, q, d: True)
-    counts = _sampled_triples(target, prompt, runs, makers["draft"], temperature).sum(axis=0)
+    counts = _sampled_triples(runs, makers["draft"], temperature).sum(axis=0)
     stat, dof = _chi_square(counts, expected)
     assert stat > _chi_square_limit(dof), "the test cannot tell a wrong acceptance rule"
 
